@@ -1,0 +1,24 @@
+//! loadlab's gRPC contracts: generated tonic clients/servers and prost messages.
+#![forbid(unsafe_code)]
+
+/// `loadlab.feed.v1`: posts and the follow graph.
+pub mod feed {
+    /// Version 1 of the feed contract.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("loadlab.feed.v1");
+    }
+}
+
+/// `loadlab.timeline.v1`: home and author timelines.
+pub mod timeline {
+    /// Version 1 of the timeline contract.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("loadlab.timeline.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every loadlab proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/loadlab_descriptor.bin"));

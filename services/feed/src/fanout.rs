@@ -1,0 +1,348 @@
+//! Fan-out on write: workers take posts off the queue, push them into followers' home timelines
+//! through `timeline.Append` in batches, then mark them done in the database.
+//!
+//! Delivery is at-least-once and every step is idempotent, so a post is never lost and never
+//! duplicated: a job is acked only after its fan-out completed and `posts.fanned_out_at` is set;
+//! a job held by a dead worker is reclaimed after `--fanout-claim-idle`; a job lost with Redis
+//! (restart, flush) is re-published by the outbox sweep, which finds posts whose `fanned_out_at`
+//! is still NULL after `--fanout-sweep-after`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use loadlab_kit::Id;
+use loadlab_kit::engine::{Delivery, Engine, FanoutConsumer};
+use loadlab_kit::metrics::Metrics;
+use loadlab_kit::shutdown::Shutdown;
+use loadlab_proto::timeline::v1::AppendRequest;
+use loadlab_proto::timeline::v1::timeline_service_client::TimelineServiceClient;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tonic::transport::Channel;
+
+use crate::store::FeedStore;
+
+/// Fan-out tuning.
+#[derive(Debug, Clone)]
+pub struct FanoutSettings {
+    /// Followers per Append call.
+    pub batch: usize,
+    /// Posts processed concurrently.
+    pub concurrency: usize,
+    /// Pause between batches of one post.
+    pub batch_delay: Duration,
+    /// Sweep period.
+    pub sweep_interval: Duration,
+    /// Age after which an unfinished fan-out is re-published.
+    pub sweep_after: Duration,
+    /// Idle time before reclaiming another worker's job.
+    pub claim_idle: Duration,
+    /// Timeline cap is the timeline service's business; authors at or above this many
+    /// followers are merged on read instead of pushed.
+    pub celebrity_threshold: u64,
+}
+
+/// Fan-out metrics.
+#[derive(Clone)]
+pub struct FanoutMetrics {
+    /// Post committed → last follower timeline written.
+    pub lag: Histogram,
+    /// Posts whose fan-out completed.
+    pub posts: Counter,
+    /// Timeline entries written.
+    pub deliveries: Counter,
+    /// Fan-outs that failed and will be retried.
+    pub failures: Counter,
+    /// Jobs re-published by the outbox sweep.
+    pub republished: Counter,
+    /// Jobs waiting or in flight.
+    pub backlog: Gauge,
+}
+
+impl FanoutMetrics {
+    /// Registers the fan-out metrics.
+    pub fn register(metrics: &Metrics) -> Self {
+        let m = FanoutMetrics {
+            lag: Histogram::new(exponential_buckets(0.001, 1.5, 32)),
+            posts: Counter::default(),
+            deliveries: Counter::default(),
+            failures: Counter::default(),
+            republished: Counter::default(),
+            backlog: Gauge::default(),
+        };
+        metrics.register(
+            "fanout_lag_seconds",
+            "Post committed to last follower timeline written",
+            m.lag.clone(),
+        );
+        metrics.register("fanout_posts", "Posts fanned out", m.posts.clone());
+        metrics.register(
+            "fanout_deliveries",
+            "Timeline entries written by fan-out",
+            m.deliveries.clone(),
+        );
+        metrics.register(
+            "fanout_failures",
+            "Fan-outs that failed and will be retried",
+            m.failures.clone(),
+        );
+        metrics.register(
+            "fanout_republished",
+            "Posts re-published by the outbox sweep",
+            m.republished.clone(),
+        );
+        metrics.register(
+            "fanout_backlog",
+            "Fan-out jobs waiting or in flight",
+            m.backlog.clone(),
+        );
+        m
+    }
+}
+
+/// A fan-out worker process: consumers plus the outbox sweep.
+#[derive(Clone)]
+pub struct Fanout {
+    store: FeedStore,
+    engine: Engine,
+    timeline: TimelineServiceClient<Channel>,
+    settings: Arc<FanoutSettings>,
+    metrics: FanoutMetrics,
+}
+
+impl Fanout {
+    /// A worker.
+    pub fn new(
+        store: FeedStore,
+        engine: Engine,
+        timeline: TimelineServiceClient<Channel>,
+        settings: FanoutSettings,
+        metrics: FanoutMetrics,
+    ) -> Self {
+        Fanout {
+            store,
+            engine,
+            timeline,
+            settings: Arc::new(settings),
+            metrics,
+        }
+    }
+
+    /// Runs the consumer and the sweep until `shutdown`; in-flight jobs finish first.
+    pub async fn run(self, consumer_name: String, shutdown: Shutdown) {
+        let sweep = tokio::spawn(self.clone().sweep_loop(shutdown.clone()));
+        self.consume_loop(consumer_name, shutdown).await;
+        let _ = sweep.await;
+    }
+
+    async fn consume_loop(&self, name: String, shutdown: Shutdown) {
+        let mut backoff = Duration::from_millis(100);
+        let mut consumer: Option<Box<dyn FanoutConsumer>> = None;
+        let mut last_reclaim: Option<Instant> = None;
+        while !shutdown.is_triggered() {
+            let c = match consumer.as_mut() {
+                Some(c) => c,
+                None => match self.engine.fanout.consumer(&name).await {
+                    Ok(c) => consumer.insert(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "fan-out consumer unavailable; retrying");
+                        self.pause(&shutdown, &mut backoff).await;
+                        continue;
+                    }
+                },
+            };
+            let reclaim_due =
+                last_reclaim.is_none_or(|t| t.elapsed() >= self.settings.claim_idle / 2);
+            let batch = if reclaim_due {
+                last_reclaim = Some(Instant::now());
+                match c
+                    .reclaim(self.settings.claim_idle, self.settings.concurrency * 4)
+                    .await
+                {
+                    Ok(b) if !b.is_empty() => {
+                        tracing::info!(
+                            jobs = b.len(),
+                            "reclaimed fan-out jobs from a stalled worker"
+                        );
+                        Ok(b)
+                    }
+                    Ok(_) => self.receive(c.as_mut(), &shutdown).await,
+                    Err(e) => Err(e),
+                }
+            } else {
+                self.receive(c.as_mut(), &shutdown).await
+            };
+            let batch = match batch {
+                Ok(b) => {
+                    backoff = Duration::from_millis(100);
+                    b
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "fan-out queue read failed; retrying");
+                    self.pause(&shutdown, &mut backoff).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            let done: Vec<String> = futures::stream::iter(batch)
+                .map(|delivery| self.process(delivery))
+                .buffer_unordered(self.settings.concurrency)
+                .filter_map(|r| async move { r })
+                .collect()
+                .await;
+            if let Err(e) = c.ack(&done).await {
+                // Unacked jobs are reclaimed and redone; fan-out is idempotent.
+                tracing::warn!(error = %e, jobs = done.len(), "fan-out ack failed");
+            }
+        }
+        tracing::info!("fan-out consumer stopped");
+    }
+
+    async fn receive(
+        &self,
+        consumer: &mut dyn FanoutConsumer,
+        shutdown: &Shutdown,
+    ) -> Result<Vec<Delivery>, loadlab_kit::engine::EngineError> {
+        tokio::select! {
+            r = consumer.receive(self.settings.concurrency * 4, Duration::from_secs(1)) => r,
+            () = shutdown.wait() => Ok(Vec::new()),
+        }
+    }
+
+    async fn pause(&self, shutdown: &Shutdown, backoff: &mut Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(*backoff) => {}
+            () = shutdown.wait() => {}
+        }
+        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    }
+
+    /// Fans out one post; returns the delivery id to ack on success.
+    async fn process(&self, delivery: Delivery) -> Option<String> {
+        match self.fan_out(delivery.job.post, delivery.job.author).await {
+            Ok(()) => Some(delivery.id),
+            Err(e) => {
+                self.metrics.failures.inc();
+                tracing::warn!(post = %delivery.job.post, error = %e, "fan-out failed; it will be retried");
+                None
+            }
+        }
+    }
+
+    /// Pushes `post` into the author's timeline and every follower's home timeline, unless the
+    /// author is a celebrity (then readers merge it on read). Idempotent.
+    pub async fn fan_out(
+        &self,
+        post: Id,
+        author: Id,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let Some((stored_author, done)) = self.store.fanout_state(post).await? else {
+            tracing::debug!(%post, "post no longer exists; nothing to fan out");
+            return Ok(());
+        };
+        if done {
+            return Ok(());
+        }
+        if stored_author != author {
+            tracing::warn!(%post, %author, %stored_author, "fan-out job names the wrong author; using the stored one");
+        }
+        let author = stored_author;
+        let mut timeline = self.timeline.clone();
+        // The author's own timeline and home timeline first.
+        let first = timeline
+            .append(AppendRequest {
+                post_id: post.0,
+                author_id: author.0,
+                user_ids: vec![author.0],
+                include_author: true,
+            })
+            .await?
+            .into_inner();
+        self.metrics.deliveries.inc_by(u64::from(first.appended));
+        let followers = self.store.user(author).await?.follower_count;
+        if followers < self.settings.celebrity_threshold as i64 {
+            let mut after = Id(0);
+            loop {
+                let (page, next) = self
+                    .store
+                    .followers_page(author, after, self.settings.batch as u64)
+                    .await?;
+                if page.is_empty() {
+                    break;
+                }
+                let r = timeline
+                    .append(AppendRequest {
+                        post_id: post.0,
+                        author_id: author.0,
+                        user_ids: page.iter().map(|u| u.0).collect(),
+                        include_author: false,
+                    })
+                    .await?
+                    .into_inner();
+                self.metrics.deliveries.inc_by(u64::from(r.appended));
+                match next {
+                    Some(n) => after = n,
+                    None => break,
+                }
+                if !self.settings.batch_delay.is_zero() {
+                    tokio::time::sleep(self.settings.batch_delay).await;
+                }
+            }
+        }
+        self.store.mark_fanned_out(post).await?;
+        let lag_ms = (chrono::Utc::now().timestamp_millis() - post.unix_ms()).max(0);
+        self.metrics.lag.observe(lag_ms as f64 / 1_000.0);
+        self.metrics.posts.inc();
+        Ok(())
+    }
+
+    /// Re-publishes posts whose fan-out did not complete, and refreshes the backlog gauge.
+    async fn sweep_loop(self, shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(self.settings.sweep_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.wait() => return,
+            }
+            if let Err(e) = self.sweep_once().await {
+                tracing::warn!(error = %e, "outbox sweep failed; retrying next period");
+            }
+            if let Ok(n) = self.engine.fanout.backlog().await {
+                self.metrics.backlog.set(n as i64);
+            }
+        }
+    }
+
+    /// One sweep: publishes every post older than `sweep_after` whose fan-out is not recorded.
+    pub async fn sweep_once(&self) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+        let cutoff =
+            chrono::Utc::now().timestamp_millis() - self.settings.sweep_after.as_millis() as i64;
+        let older_than = Id::lower_bound_at(cutoff);
+        let mut total = 0;
+        let mut after = Id(0);
+        loop {
+            let jobs = self.store.pending_fanouts(after, older_than, 500).await?;
+            for job in &jobs {
+                self.engine.fanout.publish(*job).await?;
+            }
+            total += jobs.len();
+            self.metrics.republished.inc_by(jobs.len() as u64);
+            match jobs.last() {
+                Some(last) if jobs.len() == 500 => after = last.post,
+                _ => break,
+            }
+        }
+        if total > 0 {
+            tracing::info!(
+                posts = total,
+                "outbox sweep re-published unfinished fan-outs"
+            );
+        }
+        Ok(total)
+    }
+}

@@ -1,0 +1,16 @@
+//! Schema migrations (sea-orm-migration), identical on SQLite and PostgreSQL.
+
+use sea_orm_migration::prelude::*;
+
+mod m20261125_000001_feed;
+
+/// Every migration, in order.
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261125_000001_feed::Migration)]
+    }
+}

@@ -1,0 +1,231 @@
+//! Engines hold the short-lived, fast state of the feed system — materialised timelines, the post
+//! cache, the celebrity-follow cache and the fan-out queue — behind one set of traits with two
+//! implementations: [`memory`] (single process, used by `loadlab demo`) and [`redis`] (fred).
+//!
+//! Both implement the same semantics and are tested against the same contract
+//! (`tests/engine_contract.rs`); PostgreSQL/SQLite remain the source of truth, so everything an
+//! engine holds can be lost and rebuilt.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::ids::Id;
+
+pub mod memory;
+pub mod redis;
+
+/// Which engine a service runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// In-process state; every service must share the process (`loadlab up`/`demo`).
+    Memory,
+    /// Redis: shared by every replica.
+    Redis,
+}
+
+/// An engine operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Redis refused, timed out or is unreachable.
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    /// A stored value did not decode.
+    #[error("corrupt value at {key}: {detail}")]
+    Corrupt {
+        /// The key holding the value.
+        key: String,
+        /// What was wrong with it.
+        detail: String,
+    },
+}
+
+/// Which timeline: a user's home timeline (posts of whom they follow) or an author's own posts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TimelineKey {
+    /// Home timeline of a user.
+    Home(Id),
+    /// Posts written by an author (used to merge celebrities' posts on read).
+    Author(Id),
+}
+
+/// Materialised timelines: post ids ordered by creation time, capped.
+///
+/// A timeline is either *materialised* (possibly empty) or *missing*. Appends only touch
+/// materialised timelines; a reader that finds one missing rebuilds it: [`TimelineStore::materialise`]
+/// first, so appends from then on land, then reads the source of truth, then
+/// [`TimelineStore::fill`]. That order guarantees a post committed during the rebuild is either in
+/// the source read or appended afterwards.
+#[async_trait]
+pub trait TimelineStore: Send + Sync {
+    /// Adds `post` to every materialised timeline among `keys`, trimming each to the newest `cap`
+    /// entries. Idempotent. Returns how many timelines received it.
+    async fn append(&self, keys: &[TimelineKey], post: Id, cap: usize) -> Result<u32, EngineError>;
+
+    /// For each key, `None` if missing, else up to `limit` post ids strictly older than `before`
+    /// (all when `None`), newest first.
+    async fn range(
+        &self,
+        keys: &[TimelineKey],
+        before: Option<Id>,
+        limit: usize,
+    ) -> Result<Vec<Option<Vec<Id>>>, EngineError>;
+
+    /// Marks a timeline materialised (empty if it was missing).
+    async fn materialise(&self, key: TimelineKey) -> Result<(), EngineError>;
+
+    /// Adds `posts` to a timeline and trims it to `cap`.
+    async fn fill(&self, key: TimelineKey, posts: &[Id], cap: usize) -> Result<(), EngineError>;
+
+    /// Drops a timeline (it becomes missing).
+    async fn remove(&self, key: TimelineKey) -> Result<(), EngineError>;
+}
+
+/// Cache of "which celebrities does this user follow", consulted on every home-timeline read.
+#[async_trait]
+pub trait FollowCache: Send + Sync {
+    /// The cached set, or `None` when not cached.
+    async fn celebrities_followed(&self, user: Id) -> Result<Option<Vec<Id>>, EngineError>;
+    /// Caches the set for `ttl`.
+    async fn store_celebrities_followed(
+        &self,
+        user: Id,
+        celebrities: &[Id],
+        ttl: Duration,
+    ) -> Result<(), EngineError>;
+    /// Invalidates the cached sets of `users`.
+    async fn forget_celebrities_followed(&self, users: &[Id]) -> Result<(), EngineError>;
+}
+
+/// Cache of encoded posts for hydration.
+#[async_trait]
+pub trait PostCache: Send + Sync {
+    /// The cached encodings of `ids`, in order; `None` for misses.
+    async fn get_many(&self, ids: &[Id]) -> Result<Vec<Option<Bytes>>, EngineError>;
+    /// Caches encodings for `ttl`.
+    async fn put_many(&self, entries: &[(Id, Bytes)], ttl: Duration) -> Result<(), EngineError>;
+}
+
+/// A post to fan out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FanoutJob {
+    /// The post.
+    pub post: Id,
+    /// Its author.
+    pub author: Id,
+}
+
+/// A job handed to a consumer; it stays pending until acked, and is re-delivered to another
+/// consumer (via [`FanoutConsumer::reclaim`]) if its consumer dies first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Queue-specific delivery id, passed back to [`FanoutConsumer::ack`].
+    pub id: String,
+    /// The job.
+    pub job: FanoutJob,
+}
+
+/// The durable-ish hand-off between the post API and the fan-out workers (at-least-once).
+#[async_trait]
+pub trait FanoutQueue: Send + Sync {
+    /// Enqueues a job.
+    async fn publish(&self, job: FanoutJob) -> Result<(), EngineError>;
+    /// A consumer in the shared group, named for stale-claim bookkeeping.
+    async fn consumer(&self, name: &str) -> Result<Box<dyn FanoutConsumer>, EngineError>;
+    /// Jobs not yet acknowledged (waiting or in flight).
+    async fn backlog(&self) -> Result<u64, EngineError>;
+}
+
+/// One member of the fan-out consumer group.
+#[async_trait]
+pub trait FanoutConsumer: Send {
+    /// Up to `max` new jobs, waiting at most `wait` for the first.
+    async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, EngineError>;
+    /// Takes over up to `max` jobs that another consumer received but has not acked for `min_idle`.
+    async fn reclaim(
+        &mut self,
+        min_idle: Duration,
+        max: usize,
+    ) -> Result<Vec<Delivery>, EngineError>;
+    /// Marks jobs done.
+    async fn ack(&mut self, ids: &[String]) -> Result<(), EngineError>;
+}
+
+/// Liveness of the engine's backing store.
+#[async_trait]
+pub trait Health: Send + Sync {
+    /// Ok when the store answers.
+    async fn ping(&self) -> Result<(), EngineError>;
+}
+
+/// The engine a service runs on: one handle per concern, all backed by the same store.
+#[derive(Clone)]
+pub struct Engine {
+    /// Which implementation.
+    pub kind: EngineKind,
+    /// Materialised timelines.
+    pub timelines: Arc<dyn TimelineStore>,
+    /// Celebrity-follow cache.
+    pub follow_cache: Arc<dyn FollowCache>,
+    /// Post cache.
+    pub posts: Arc<dyn PostCache>,
+    /// Fan-out queue.
+    pub fanout: Arc<dyn FanoutQueue>,
+    health: Arc<dyn Health>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// A fresh in-process engine. Share the returned handle between services in one process.
+    pub fn memory() -> Engine {
+        let m = Arc::new(memory::MemoryEngine::default());
+        Engine {
+            kind: EngineKind::Memory,
+            timelines: m.clone(),
+            follow_cache: m.clone(),
+            posts: m.clone(),
+            fanout: m.clone(),
+            health: m,
+        }
+    }
+
+    /// A Redis engine; the connection is established in the background and re-established after
+    /// Redis restarts, so a service can start before Redis answers.
+    pub fn redis(settings: redis::RedisSettings) -> Result<Engine, EngineError> {
+        let r = Arc::new(redis::RedisEngine::connect(settings)?);
+        Ok(Engine {
+            kind: EngineKind::Redis,
+            timelines: r.clone(),
+            follow_cache: r.clone(),
+            posts: r.clone(),
+            fanout: r.clone(),
+            health: r,
+        })
+    }
+
+    /// The engine configured by `common`.
+    pub fn from_args(common: &crate::config::CommonArgs) -> Result<Engine, EngineError> {
+        match common.engine {
+            EngineKind::Memory => Ok(Engine::memory()),
+            EngineKind::Redis => Engine::redis(redis::RedisSettings {
+                url: common.redis_url.clone(),
+                prefix: common.redis_prefix.clone(),
+                pool_size: common.redis_pool,
+            }),
+        }
+    }
+
+    /// Ok when the backing store answers.
+    pub async fn ping(&self) -> Result<(), EngineError> {
+        self.health.ping().await
+    }
+}

@@ -1,0 +1,592 @@
+//! The Redis engine (fred). Key layout, under the configured prefix `P`:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P tl:h:<user>` | sorted set | home timeline: members are 16-hex-digit post ids, scores are the id's millisecond timestamp; the member `""` at score -1 marks the timeline materialised |
+//! | `P tl:a:<author>` | sorted set | author timeline, same encoding |
+//! | `P celebs:<user>` | set | celebrities `user` follows (member `""` marks it cached), with a TTL |
+//! | `P post:<id>` | string | protobuf-encoded post, with a TTL |
+//! | `P fanout` | stream | fan-out jobs (`post`, `author`), consumer group `fanout` |
+//!
+//! Scores are milliseconds, not ids: a 63-bit snowflake does not fit an f64 exactly. Members are
+//! fixed-width hex so that Redis' lexicographic tie-break equals numeric order.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use fred::types::streams::XReadResponse;
+use fred::types::{Expiration, Value};
+
+use super::{
+    Delivery, EngineError, FanoutConsumer, FanoutJob, FanoutQueue, FollowCache, Health, PostCache,
+    TimelineKey, TimelineStore,
+};
+use crate::ids::Id;
+
+/// How to reach Redis.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://host:port[/db]`.
+    pub url: String,
+    /// Prefix of every key.
+    pub prefix: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+}
+
+const GROUP: &str = "fanout";
+/// Bound on the stream length. Acked entries are deleted, so this only bites if workers are down
+/// for a long time; the database sweep re-publishes anything trimmed away.
+const STREAM_MAX_LEN: i64 = 1_000_000;
+
+/// Appends to materialised timelines. KEYS: timelines; ARGV: member, score, cap.
+/// Trimming keeps rank 0 (the marker, score -1) and the newest `cap` entries.
+const APPEND_LUA: &str = r#"
+local n = 0
+local stop = -(tonumber(ARGV[3]) + 1)
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('ZADD', key, ARGV[2], ARGV[1])
+    redis.call('ZREMRANGEBYRANK', key, 1, stop)
+    n = n + 1
+  end
+end
+return n
+"#;
+
+/// Reads timelines. KEYS: timelines; ARGV: max score (inclusive), count.
+/// Returns, per key, false when missing, else members newest first.
+const RANGE_LUA: &str = r#"
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    out[i] = redis.call('ZREVRANGEBYSCORE', key, ARGV[1], 0, 'LIMIT', 0, tonumber(ARGV[2]))
+  else
+    out[i] = false
+  end
+end
+return out
+"#;
+
+/// Fills a timeline. KEYS: timeline; ARGV: cap, then score/member pairs.
+const FILL_LUA: &str = r#"
+redis.call('ZADD', KEYS[1], 'NX', -1, '')
+for i = 2, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 1, -(tonumber(ARGV[1]) + 1))
+return 1
+"#;
+
+/// Replaces a cached set. KEYS: set; ARGV: ttl seconds, members.
+const STORE_SET_LUA: &str = r#"
+redis.call('DEL', KEYS[1])
+redis.call('SADD', KEYS[1], '')
+for i = 2, #ARGV do
+  redis.call('SADD', KEYS[1], ARGV[i])
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+return 1
+"#;
+
+/// The Redis-backed engine.
+pub struct RedisEngine {
+    builder: Builder,
+    pool: Pool,
+    prefix: String,
+    append: Script,
+    range: Script,
+    fill: Script,
+    store_set: Script,
+}
+
+fn builder(url: &str) -> Result<Builder, EngineError> {
+    let config = Config::from_url(url)?;
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_config(|c| {
+            // Start even when Redis is down; readiness reports it and commands fail fast.
+            c.fail_fast = false;
+        })
+        .with_performance_config(|p| {
+            // Above the 1 s XREADGROUP block, below any client-facing deadline.
+            p.default_command_timeout = Duration::from_secs(3);
+        })
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(2);
+            c.internal_command_timeout = Duration::from_secs(2);
+            c.max_command_attempts = 2;
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
+    Ok(builder)
+}
+
+impl RedisEngine {
+    /// Connects in the background (reconnecting forever with backoff).
+    pub fn connect(settings: RedisSettings) -> Result<Self, EngineError> {
+        let builder = builder(&settings.url)?;
+        let pool = builder.build_pool(settings.pool_size.max(1))?;
+        // Connection tasks run in the background; `fail_fast = false` makes them retry until Redis
+        // answers instead of failing the service at start.
+        let _ = pool.connect_pool();
+        Ok(RedisEngine {
+            builder,
+            pool,
+            prefix: settings.prefix,
+            append: Script::from_lua(APPEND_LUA),
+            range: Script::from_lua(RANGE_LUA),
+            fill: Script::from_lua(FILL_LUA),
+            store_set: Script::from_lua(STORE_SET_LUA),
+        })
+    }
+
+    fn timeline_key(&self, key: TimelineKey) -> String {
+        match key {
+            TimelineKey::Home(u) => format!("{}tl:h:{}", self.prefix, u),
+            TimelineKey::Author(u) => format!("{}tl:a:{}", self.prefix, u),
+        }
+    }
+
+    fn celebs_key(&self, user: Id) -> String {
+        format!("{}celebs:{}", self.prefix, user)
+    }
+
+    fn post_key(&self, id: Id) -> String {
+        format!("{}post:{}", self.prefix, id)
+    }
+
+    fn stream_key(&self) -> String {
+        format!("{}fanout", self.prefix)
+    }
+}
+
+fn member(id: Id) -> String {
+    format!("{:016x}", id.0)
+}
+
+fn parse_member(key: &str, v: &Value) -> Result<Option<Id>, EngineError> {
+    let s = v.as_str().ok_or_else(|| EngineError::Corrupt {
+        key: key.to_owned(),
+        detail: format!("member is not a string: {v:?}"),
+    })?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    u64::from_str_radix(&s, 16)
+        .map(|n| Some(Id(n)))
+        .map_err(|e| EngineError::Corrupt {
+            key: key.to_owned(),
+            detail: format!("member {s:?}: {e}"),
+        })
+}
+
+#[async_trait]
+impl TimelineStore for RedisEngine {
+    async fn append(&self, keys: &[TimelineKey], post: Id, cap: usize) -> Result<u32, EngineError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let redis_keys: Vec<String> = keys.iter().map(|k| self.timeline_key(*k)).collect();
+        let n: i64 = self
+            .append
+            .evalsha_with_reload(
+                self.pool.next(),
+                redis_keys,
+                vec![member(post), post.epoch_ms().to_string(), cap.to_string()],
+            )
+            .await?;
+        Ok(n as u32)
+    }
+
+    async fn range(
+        &self,
+        keys: &[TimelineKey],
+        before: Option<Id>,
+        limit: usize,
+    ) -> Result<Vec<Option<Vec<Id>>>, EngineError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let redis_keys: Vec<String> = keys.iter().map(|k| self.timeline_key(*k)).collect();
+        let max = before.map_or_else(|| "+inf".to_owned(), |b| b.epoch_ms().to_string());
+        // Entries sharing `before`'s millisecond are filtered here; over-fetch a little so that
+        // filtering rarely leaves a page short, and retry with more when it does.
+        let mut extra = 16usize;
+        loop {
+            let fetch = limit + if before.is_some() { extra } else { 0 };
+            let value: Value = self
+                .range
+                .evalsha_with_reload(
+                    self.pool.next(),
+                    redis_keys.clone(),
+                    vec![max.clone(), fetch.to_string()],
+                )
+                .await?;
+            let mut short = false;
+            let mut out = Vec::with_capacity(keys.len());
+            for (i, entry) in value.into_array().into_iter().enumerate() {
+                let key = redis_keys.get(i).map_or("?", String::as_str);
+                if entry.is_null() || matches!(entry, Value::Boolean(false)) {
+                    out.push(None);
+                    continue;
+                }
+                let raw = entry.into_array();
+                let raw_len = raw.len();
+                let mut ids = Vec::with_capacity(raw_len.min(limit));
+                for v in &raw {
+                    if let Some(id) = parse_member(key, v)?
+                        && before.is_none_or(|b| id < b)
+                        && ids.len() < limit
+                    {
+                        ids.push(id);
+                    }
+                }
+                if raw_len == fetch && ids.len() < limit {
+                    short = true;
+                }
+                out.push(Some(ids));
+            }
+            out.resize(keys.len(), None);
+            if !short || extra > 65_536 {
+                return Ok(out);
+            }
+            extra *= 8;
+        }
+    }
+
+    async fn materialise(&self, key: TimelineKey) -> Result<(), EngineError> {
+        let _: Value = self
+            .pool
+            .zadd(
+                self.timeline_key(key),
+                Some(SetOptions::NX),
+                None,
+                false,
+                false,
+                (-1.0, ""),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn fill(&self, key: TimelineKey, posts: &[Id], cap: usize) -> Result<(), EngineError> {
+        // Chunked so one script call stays small even for a cap of many thousands.
+        for chunk in posts.chunks(1_000) {
+            let mut args = Vec::with_capacity(1 + chunk.len() * 2);
+            args.push(cap.to_string());
+            for p in chunk {
+                args.push(p.epoch_ms().to_string());
+                args.push(member(*p));
+            }
+            let _: Value = self
+                .fill
+                .evalsha_with_reload(self.pool.next(), vec![self.timeline_key(key)], args)
+                .await?;
+        }
+        if posts.is_empty() {
+            self.materialise(key).await?;
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, key: TimelineKey) -> Result<(), EngineError> {
+        let _: i64 = self.pool.del(self.timeline_key(key)).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl FollowCache for RedisEngine {
+    async fn celebrities_followed(&self, user: Id) -> Result<Option<Vec<Id>>, EngineError> {
+        let key = self.celebs_key(user);
+        let members: Vec<String> = self.pool.smembers(&key).await?;
+        if members.is_empty() {
+            return Ok(None);
+        }
+        let mut ids = Vec::with_capacity(members.len());
+        for m in members.iter().filter(|m| !m.is_empty()) {
+            ids.push(m.parse::<Id>().map_err(|e| EngineError::Corrupt {
+                key: key.clone(),
+                detail: e.to_string(),
+            })?);
+        }
+        ids.sort_unstable();
+        Ok(Some(ids))
+    }
+
+    async fn store_celebrities_followed(
+        &self,
+        user: Id,
+        celebrities: &[Id],
+        ttl: Duration,
+    ) -> Result<(), EngineError> {
+        let mut args = Vec::with_capacity(celebrities.len() + 1);
+        args.push(ttl.as_secs().max(1).to_string());
+        args.extend(celebrities.iter().map(Id::to_string));
+        let _: Value = self
+            .store_set
+            .evalsha_with_reload(self.pool.next(), vec![self.celebs_key(user)], args)
+            .await?;
+        Ok(())
+    }
+
+    async fn forget_celebrities_followed(&self, users: &[Id]) -> Result<(), EngineError> {
+        for chunk in users.chunks(1_000) {
+            let keys: Vec<String> = chunk.iter().map(|u| self.celebs_key(*u)).collect();
+            let _: i64 = self.pool.del(keys).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl PostCache for RedisEngine {
+    async fn get_many(&self, ids: &[Id]) -> Result<Vec<Option<Bytes>>, EngineError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.post_key(*id)).collect();
+        let values: Vec<Option<Bytes>> = if keys.len() == 1 {
+            vec![self.pool.get(&keys[0]).await?]
+        } else {
+            self.pool.mget(keys).await?
+        };
+        Ok(values)
+    }
+
+    async fn put_many(&self, entries: &[(Id, Bytes)], ttl: Duration) -> Result<(), EngineError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let client = self.pool.next();
+        let pipeline = client.pipeline();
+        for (id, bytes) in entries {
+            let _: () = pipeline
+                .set(
+                    self.post_key(*id),
+                    bytes.clone(),
+                    Some(Expiration::EX(ttl.as_secs().max(1) as i64)),
+                    None,
+                    false,
+                )
+                .await?;
+        }
+        let _: Vec<Value> = pipeline.all().await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl FanoutQueue for RedisEngine {
+    async fn publish(&self, job: FanoutJob) -> Result<(), EngineError> {
+        let _: Value = self
+            .pool
+            .xadd(
+                self.stream_key(),
+                false,
+                ("MAXLEN", "~", STREAM_MAX_LEN),
+                "*",
+                vec![
+                    ("post", job.post.to_string()),
+                    ("author", job.author.to_string()),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn consumer(&self, name: &str) -> Result<Box<dyn FanoutConsumer>, EngineError> {
+        // Blocking reads get their own connection so they never stall the shared pool.
+        let client = self.builder.build()?;
+        let _ = client.connect();
+        let consumer = RedisConsumer {
+            client,
+            stream: self.stream_key(),
+            name: name.to_owned(),
+        };
+        Ok(Box::new(consumer))
+    }
+
+    async fn backlog(&self) -> Result<u64, EngineError> {
+        // Acked entries are deleted, so the stream length is what is waiting or in flight.
+        let n: u64 = self.pool.xlen(self.stream_key()).await?;
+        Ok(n)
+    }
+}
+
+struct RedisConsumer {
+    client: Client,
+    stream: String,
+    name: String,
+}
+
+impl Drop for RedisConsumer {
+    fn drop(&mut self) {
+        let client = self.client.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = client.quit().await;
+            });
+        }
+    }
+}
+
+fn is_nogroup(e: &fred::error::Error) -> bool {
+    e.details().contains("NOGROUP")
+}
+
+impl RedisConsumer {
+    /// Creates the group (and stream) if missing — at start, and again after Redis lost its
+    /// data. Reading from `0` picks up jobs published before the group existed.
+    async fn ensure_group(&self) -> Result<(), EngineError> {
+        let created: Result<Value, _> = self
+            .client
+            .xgroup_create(&self.stream, GROUP, "0", true)
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(e) if e.details().contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn parse_fields(
+        &self,
+        id: &str,
+        fields: &std::collections::HashMap<String, String>,
+    ) -> Option<Delivery> {
+        let post = fields.get("post").and_then(|v| v.parse::<Id>().ok());
+        let author = fields.get("author").and_then(|v| v.parse::<Id>().ok());
+        match (post, author) {
+            (Some(post), Some(author)) => Some(Delivery {
+                id: id.to_owned(),
+                job: FanoutJob { post, author },
+            }),
+            _ => {
+                tracing::warn!(stream = %self.stream, entry = %id, ?fields, "skipping malformed fan-out entry");
+                None
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl FanoutConsumer for RedisConsumer {
+    async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, EngineError> {
+        for attempt in 0..2 {
+            let result: Result<XReadResponse<String, String, String, String>, _> = self
+                .client
+                .xreadgroup_map(
+                    GROUP,
+                    &self.name,
+                    Some(max as u64),
+                    Some(wait.as_millis().max(1) as u64),
+                    false,
+                    &self.stream,
+                    ">",
+                )
+                .await;
+            match result {
+                Ok(response) => {
+                    let mut out = Vec::new();
+                    let mut malformed = Vec::new();
+                    for (_, entries) in response {
+                        for (id, fields) in entries {
+                            match self.parse_fields(&id, &fields) {
+                                Some(d) => out.push(d),
+                                None => malformed.push(id),
+                            }
+                        }
+                    }
+                    if !malformed.is_empty() {
+                        self.ack(&malformed).await?;
+                    }
+                    return Ok(out);
+                }
+                Err(e) if is_nogroup(&e) && attempt == 0 => self.ensure_group().await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    async fn reclaim(
+        &mut self,
+        min_idle: Duration,
+        max: usize,
+    ) -> Result<Vec<Delivery>, EngineError> {
+        let result: Result<Value, _> = self
+            .client
+            .xautoclaim(
+                &self.stream,
+                GROUP,
+                &self.name,
+                min_idle.as_millis() as u64,
+                "0-0",
+                Some(max as u64),
+                false,
+            )
+            .await;
+        let value = match result {
+            Ok(v) => v,
+            Err(e) if is_nogroup(&e) => {
+                self.ensure_group().await?;
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Reply: [next-cursor, [[id, [field, value, …]] | nil, …], [deleted ids] (Redis ≥ 7)].
+        let mut parts = value.into_array().into_iter();
+        let _cursor = parts.next();
+        let entries = parts.next().map(Value::into_array).unwrap_or_default();
+        let mut out = Vec::new();
+        let mut malformed = Vec::new();
+        for entry in entries {
+            if entry.is_null() {
+                continue;
+            }
+            let mut pair = entry.into_array().into_iter();
+            let (Some(id), Some(fields)) = (pair.next(), pair.next()) else {
+                continue;
+            };
+            let Some(id) = id.as_string() else { continue };
+            let flat = fields.into_array();
+            let mut map = std::collections::HashMap::new();
+            for kv in flat.chunks(2) {
+                if let [k, v] = kv
+                    && let (Some(k), Some(v)) = (k.as_string(), v.as_string())
+                {
+                    map.insert(k, v);
+                }
+            }
+            match self.parse_fields(&id, &map) {
+                Some(d) => out.push(d),
+                None => malformed.push(id),
+            }
+        }
+        if !malformed.is_empty() {
+            self.ack(&malformed).await?;
+        }
+        Ok(out)
+    }
+
+    async fn ack(&mut self, ids: &[String]) -> Result<(), EngineError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _: i64 = self.client.xack(&self.stream, GROUP, ids.to_vec()).await?;
+        let _: i64 = self.client.xdel(&self.stream, ids.to_vec()).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Health for RedisEngine {
+    async fn ping(&self) -> Result<(), EngineError> {
+        let _: String = self.pool.next().ping(None).await?;
+        Ok(())
+    }
+}
