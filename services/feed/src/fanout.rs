@@ -130,11 +130,13 @@ impl Fanout {
         }
     }
 
-    /// Runs the consumer and the sweep until `shutdown`; in-flight jobs finish first.
+    /// Runs the consumer and the sweep until `shutdown`; in-flight jobs finish first. Both run
+    /// in this one future, so dropping it (a killed worker) stops everything at once.
     pub async fn run(self, consumer_name: String, shutdown: Shutdown) {
-        let sweep = tokio::spawn(self.clone().sweep_loop(shutdown.clone()));
-        self.consume_loop(consumer_name, shutdown).await;
-        let _ = sweep.await;
+        tokio::join!(
+            self.sweep_loop(shutdown.clone()),
+            self.consume_loop(consumer_name, shutdown.clone())
+        );
     }
 
     async fn consume_loop(&self, name: String, shutdown: Shutdown) {
@@ -301,7 +303,7 @@ impl Fanout {
     }
 
     /// Re-publishes posts whose fan-out did not complete, and refreshes the backlog gauge.
-    async fn sweep_loop(self, shutdown: Shutdown) {
+    async fn sweep_loop(&self, shutdown: Shutdown) {
         let mut tick = tokio::time::interval(self.settings.sweep_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

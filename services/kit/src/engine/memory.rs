@@ -121,7 +121,9 @@ impl FollowCache for MemoryEngine {
         celebrities: &[Id],
         ttl: Duration,
     ) -> Result<(), EngineError> {
-        lock(&self.celebrities).insert(user, (celebrities.to_vec(), Instant::now() + ttl));
+        let mut sorted = celebrities.to_vec();
+        sorted.sort_unstable();
+        lock(&self.celebrities).insert(user, (sorted, Instant::now() + ttl));
         Ok(())
     }
 

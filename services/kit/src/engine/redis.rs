@@ -17,7 +17,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::scripts::Script;
-use fred::types::streams::XReadResponse;
 use fred::types::{Expiration, Value};
 
 use super::{
@@ -453,6 +452,39 @@ impl RedisConsumer {
         }
     }
 
+    /// Parses stream entries (`[id, [field, value, …]]`, nil for deleted ones); malformed
+    /// entries are logged and acked so they do not come back forever.
+    async fn deliveries(&mut self, entries: Vec<Value>) -> Result<Vec<Delivery>, EngineError> {
+        let mut out = Vec::new();
+        let mut malformed = Vec::new();
+        for entry in entries {
+            if entry.is_null() {
+                continue;
+            }
+            let mut pair = entry.into_array().into_iter();
+            let (Some(id), Some(fields)) = (pair.next(), pair.next()) else {
+                continue;
+            };
+            let Some(id) = id.as_string() else { continue };
+            let mut map = std::collections::HashMap::new();
+            for kv in fields.into_array().chunks(2) {
+                if let [k, v] = kv
+                    && let (Some(k), Some(v)) = (k.as_string(), v.as_string())
+                {
+                    map.insert(k, v);
+                }
+            }
+            match self.parse_fields(&id, &map) {
+                Some(d) => out.push(d),
+                None => malformed.push(id),
+            }
+        }
+        if !malformed.is_empty() {
+            self.ack(&malformed).await?;
+        }
+        Ok(out)
+    }
+
     fn parse_fields(
         &self,
         id: &str,
@@ -477,9 +509,9 @@ impl RedisConsumer {
 impl FanoutConsumer for RedisConsumer {
     async fn receive(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, EngineError> {
         for attempt in 0..2 {
-            let result: Result<XReadResponse<String, String, String, String>, _> = self
+            let result: Result<Value, _> = self
                 .client
-                .xreadgroup_map(
+                .xreadgroup(
                     GROUP,
                     &self.name,
                     Some(max as u64),
@@ -490,21 +522,18 @@ impl FanoutConsumer for RedisConsumer {
                 )
                 .await;
             match result {
-                Ok(response) => {
-                    let mut out = Vec::new();
-                    let mut malformed = Vec::new();
-                    for (_, entries) in response {
-                        for (id, fields) in entries {
-                            match self.parse_fields(&id, &fields) {
-                                Some(d) => out.push(d),
-                                None => malformed.push(id),
-                            }
-                        }
-                    }
-                    if !malformed.is_empty() {
-                        self.ack(&malformed).await?;
-                    }
-                    return Ok(out);
+                Ok(value) => {
+                    // Reply: nil on timeout, else [[stream, [entry, …]]] (a map under RESP3).
+                    let streams = match value {
+                        Value::Map(map) => map.inner().into_values().collect(),
+                        other => other
+                            .into_array()
+                            .into_iter()
+                            .filter_map(|pair| pair.into_array().into_iter().nth(1))
+                            .collect::<Vec<_>>(),
+                    };
+                    let entries = streams.into_iter().flat_map(Value::into_array).collect();
+                    return self.deliveries(entries).await;
                 }
                 Err(e) if is_nogroup(&e) && attempt == 0 => self.ensure_group().await?,
                 Err(e) => return Err(e.into()),
@@ -542,35 +571,7 @@ impl FanoutConsumer for RedisConsumer {
         let mut parts = value.into_array().into_iter();
         let _cursor = parts.next();
         let entries = parts.next().map(Value::into_array).unwrap_or_default();
-        let mut out = Vec::new();
-        let mut malformed = Vec::new();
-        for entry in entries {
-            if entry.is_null() {
-                continue;
-            }
-            let mut pair = entry.into_array().into_iter();
-            let (Some(id), Some(fields)) = (pair.next(), pair.next()) else {
-                continue;
-            };
-            let Some(id) = id.as_string() else { continue };
-            let flat = fields.into_array();
-            let mut map = std::collections::HashMap::new();
-            for kv in flat.chunks(2) {
-                if let [k, v] = kv
-                    && let (Some(k), Some(v)) = (k.as_string(), v.as_string())
-                {
-                    map.insert(k, v);
-                }
-            }
-            match self.parse_fields(&id, &map) {
-                Some(d) => out.push(d),
-                None => malformed.push(id),
-            }
-        }
-        if !malformed.is_empty() {
-            self.ack(&malformed).await?;
-        }
-        Ok(out)
+        self.deliveries(entries).await
     }
 
     async fn ack(&mut self, ids: &[String]) -> Result<(), EngineError> {
