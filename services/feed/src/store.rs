@@ -13,11 +13,15 @@ use loadlab_proto::feed::v1::Post;
 use prost::Message;
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, JoinType, QueryFilter,
-    QueryOrder, QuerySelect, RelationDef, Set, SqlErr, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, JoinType,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, RelationDef, Set, SqlErr,
+    TransactionTrait,
 };
 
 use crate::domain::{Handle, PostBody};
+
+/// Longest a post's acknowledgement waits for the queue and cache hand-off.
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What can go wrong in the store. Mapped to HTTP in `http.rs` and to gRPC in `grpc.rs`.
 #[derive(Debug, thiserror::Error)]
@@ -189,20 +193,15 @@ impl FeedStore {
     }
 
     /// `follower` follows `followee`. Idempotent; counters move in the same transaction.
+    ///
+    /// Every write transaction starts with its write: on SQLite a transaction that reads first
+    /// and writes later cannot upgrade its lock while another writer is active (SQLITE_BUSY
+    /// regardless of the busy timeout), while one that writes first simply waits its turn.
     pub async fn follow(&self, follower: Id, followee: Id) -> Result<FollowChange, StoreError> {
         if follower == followee {
             return Err(StoreError::SelfFollow);
         }
         let txn = self.db.begin().await?;
-        let existing = user::Entity::find()
-            .filter(user::Column::Id.is_in([follower.as_i64(), followee.as_i64()]))
-            .all(&txn)
-            .await?;
-        for id in [follower, followee] {
-            if !existing.iter().any(|u| u.id == id.as_i64()) {
-                return Err(StoreError::UserNotFound(id));
-            }
-        }
         let inserted = follow::Entity::insert(follow::ActiveModel {
             follower_id: Set(follower.as_i64()),
             followee_id: Set(followee.as_i64()),
@@ -218,6 +217,10 @@ impl FeedStore {
         let changed = match inserted {
             Ok(n) => n > 0,
             Err(DbErr::RecordNotInserted) => false,
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::ForeignKeyConstraintViolation(_))) => {
+                txn.rollback().await?;
+                return Err(self.missing_user(&[follower, followee]).await);
+            }
             Err(e) => return Err(e.into()),
         };
         if changed {
@@ -239,15 +242,6 @@ impl FeedStore {
             return Err(StoreError::SelfFollow);
         }
         let txn = self.db.begin().await?;
-        let existing = user::Entity::find()
-            .filter(user::Column::Id.is_in([follower.as_i64(), followee.as_i64()]))
-            .all(&txn)
-            .await?;
-        for id in [follower, followee] {
-            if !existing.iter().any(|u| u.id == id.as_i64()) {
-                return Err(StoreError::UserNotFound(id));
-            }
-        }
         let removed = follow::Entity::delete_many()
             .filter(follow::Column::FollowerId.eq(follower.as_i64()))
             .filter(follow::Column::FolloweeId.eq(followee.as_i64()))
@@ -258,6 +252,14 @@ impl FeedStore {
         if removed {
             self.bump_counts(&txn, follower, followee, -1).await?;
         }
+        let existing = user::Entity::find()
+            .filter(user::Column::Id.is_in([follower.as_i64(), followee.as_i64()]))
+            .count(&txn)
+            .await?;
+        if existing < 2 {
+            txn.rollback().await?;
+            return Err(self.missing_user(&[follower, followee]).await);
+        }
         let followers = self.follower_count_in(&txn, followee).await?;
         txn.commit().await?;
         self.after_follow_change(follower, followee, removed, followers, -1)
@@ -266,6 +268,20 @@ impl FeedStore {
             changed: removed,
             followee_followers: followers,
         })
+    }
+
+    /// The error naming the first of `ids` that does not exist.
+    async fn missing_user(&self, ids: &[Id]) -> StoreError {
+        for id in ids {
+            match user::Entity::find_by_id(id.as_i64()).count(&self.db).await {
+                Ok(0) => return StoreError::UserNotFound(*id),
+                Ok(_) => {}
+                Err(e) => return e.into(),
+            }
+        }
+        StoreError::Db(DbErr::Custom(
+            "referenced user vanished concurrently".into(),
+        ))
     }
 
     async fn bump_counts<C: sea_orm::ConnectionTrait>(
@@ -388,18 +404,29 @@ impl FeedStore {
         };
         let post = to_proto(&inserted);
         let job = FanoutJob { post: id, author };
+        // Neither step may hold the acknowledgement hostage to a Redis outage: the post is
+        // committed, and the sweep publishes it if this attempt fails or times out.
         let cache_entry = [(id, encode_post(&post))];
         let (published, cached) = tokio::join!(
-            self.engine.fanout.publish(job),
-            self.engine
-                .posts
-                .put_many(&cache_entry, self.post_cache_ttl)
+            tokio::time::timeout(HANDOFF_TIMEOUT, self.engine.fanout.publish(job)),
+            tokio::time::timeout(
+                HANDOFF_TIMEOUT,
+                self.engine
+                    .posts
+                    .put_many(&cache_entry, self.post_cache_ttl)
+            )
         );
-        if let Err(e) = published {
-            tracing::warn!(post = %id, error = %e, "fan-out queue unavailable; the outbox sweep will publish this post");
+        match published {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(post = %id, error = %e, "fan-out queue unavailable; the outbox sweep will publish this post")
+            }
+            Err(_) => {
+                tracing::warn!(post = %id, "fan-out queue timed out; the outbox sweep will publish this post")
+            }
         }
-        if let Err(e) = cached {
-            tracing::debug!(post = %id, error = %e, "post cache write failed");
+        if !matches!(cached, Ok(Ok(()))) {
+            tracing::debug!(post = %id, "post cache write failed");
         }
         Ok(post)
     }

@@ -213,7 +213,7 @@ impl Timelines {
         for chunk in authors.chunks(AUTHORS_PER_CALL) {
             posts.extend(self.recent_posts(chunk).await?);
         }
-        posts.sort_unstable_by(|a, b| b.id.cmp(&a.id));
+        posts.sort_unstable_by_key(|p| std::cmp::Reverse(p.id));
         posts.dedup_by_key(|p| p.id);
         posts.truncate(self.cap);
         self.fill(key, &posts).await

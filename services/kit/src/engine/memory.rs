@@ -89,9 +89,10 @@ impl TimelineStore for MemoryEngine {
 
     async fn fill(&self, key: TimelineKey, posts: &[Id], cap: usize) -> Result<(), EngineError> {
         let mut timelines = lock(&self.timelines);
-        let set = timelines.entry(key).or_default();
-        set.extend(posts.iter().copied());
-        trim(set, cap);
+        if let Some(set) = timelines.get_mut(&key) {
+            set.extend(posts.iter().copied());
+            trim(set, cap);
+        }
         Ok(())
     }
 

@@ -76,7 +76,9 @@ pub trait TimelineStore: Send + Sync {
     /// Marks a timeline materialised (empty if it was missing).
     async fn materialise(&self, key: TimelineKey) -> Result<(), EngineError>;
 
-    /// Adds `posts` to a timeline and trims it to `cap`.
+    /// Adds `posts` to a materialised timeline and trims it to `cap`. A missing timeline stays
+    /// missing: it was invalidated (a follow changed the graph) while being rebuilt, and the
+    /// next read rebuilds it from the new graph.
     async fn fill(&self, key: TimelineKey, posts: &[Id], cap: usize) -> Result<(), EngineError>;
 
     /// Drops a timeline (it becomes missing).

@@ -70,9 +70,12 @@ end
 return out
 "#;
 
-/// Fills a timeline. KEYS: timeline; ARGV: cap, then score/member pairs.
+/// Fills a materialised timeline. KEYS: timeline; ARGV: cap, then score/member pairs.
+/// A missing timeline was invalidated while being rebuilt: it stays missing (returns 0).
 const FILL_LUA: &str = r#"
-redis.call('ZADD', KEYS[1], 'NX', -1, '')
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
 for i = 2, #ARGV, 2 do
   redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
 end
@@ -285,9 +288,6 @@ impl TimelineStore for RedisEngine {
                 .evalsha_with_reload(self.pool.next(), vec![self.timeline_key(key)], args)
                 .await?;
         }
-        if posts.is_empty() {
-            self.materialise(key).await?;
-        }
         Ok(())
     }
 
@@ -400,7 +400,8 @@ impl FanoutQueue for RedisEngine {
     async fn consumer(&self, name: &str) -> Result<Box<dyn FanoutConsumer>, EngineError> {
         // Blocking reads get their own connection so they never stall the shared pool.
         let client = self.builder.build()?;
-        let _ = client.connect();
+        // The connection task runs detached; dropping its handle does not stop it.
+        drop(client.connect());
         let consumer = RedisConsumer {
             client,
             stream: self.stream_key(),
