@@ -242,57 +242,55 @@ impl Fanout {
         post: Id,
         author: Id,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let Some((stored_author, done)) = self.store.fanout_state(post).await? else {
+        let Some(plan) = self.store.fanout_plan(post).await? else {
             tracing::debug!(%post, "post no longer exists; nothing to fan out");
             return Ok(());
         };
-        if done {
+        if plan.done {
             return Ok(());
         }
-        if stored_author != author {
-            tracing::warn!(%post, %author, %stored_author, "fan-out job names the wrong author; using the stored one");
+        if plan.author != author {
+            tracing::warn!(%post, %author, stored = %plan.author, "fan-out job names the wrong author; using the stored one");
         }
-        let author = stored_author;
+        let author = plan.author;
+        let celebrity = plan.author_followers >= self.settings.celebrity_threshold as i64;
         let mut timeline = self.timeline.clone();
-        // The author's own timeline and home timeline first.
-        let first = timeline
-            .append(AppendRequest {
-                post_id: post.0,
-                author_id: author.0,
-                user_ids: vec![author.0],
-                include_author: true,
-            })
-            .await?
-            .into_inner();
-        self.metrics.deliveries.inc_by(u64::from(first.appended));
-        let followers = self.store.user(author).await?.follower_count;
-        if followers < self.settings.celebrity_threshold as i64 {
-            let mut after = Id(0);
-            loop {
-                let (page, next) = self
-                    .store
+        let mut after = Id(0);
+        let mut first = true;
+        loop {
+            let (page, next) = if celebrity {
+                (Vec::new(), None)
+            } else {
+                self.store
                     .followers_page(author, after, self.settings.batch as u64)
-                    .await?;
-                if page.is_empty() {
-                    break;
-                }
-                let r = timeline
-                    .append(AppendRequest {
-                        post_id: post.0,
-                        author_id: author.0,
-                        user_ids: page.iter().map(|u| u.0).collect(),
-                        include_author: false,
-                    })
                     .await?
-                    .into_inner();
-                self.metrics.deliveries.inc_by(u64::from(r.appended));
-                match next {
-                    Some(n) => after = n,
-                    None => break,
-                }
-                if !self.settings.batch_delay.is_zero() {
-                    tokio::time::sleep(self.settings.batch_delay).await;
-                }
+            };
+            // The first batch also carries the author's own home and author timelines.
+            let mut users: Vec<u64> = Vec::with_capacity(page.len() + 1);
+            if first {
+                users.push(author.0);
+            }
+            users.extend(page.iter().map(|u| u.0));
+            if users.is_empty() {
+                break;
+            }
+            let r = timeline
+                .append(AppendRequest {
+                    post_id: post.0,
+                    author_id: author.0,
+                    user_ids: users,
+                    include_author: first,
+                })
+                .await?
+                .into_inner();
+            self.metrics.deliveries.inc_by(u64::from(r.appended));
+            first = false;
+            match next {
+                Some(n) => after = n,
+                None => break,
+            }
+            if !self.settings.batch_delay.is_zero() {
+                tokio::time::sleep(self.settings.batch_delay).await;
             }
         }
         self.store.mark_fanned_out(post).await?;

@@ -43,9 +43,26 @@ pub enum StoreError {
 impl StoreError {
     /// The reason, when the failure is the database being unreachable (answered 503, not 500).
     pub fn unavailable(&self) -> Option<String> {
+        use sea_orm::RuntimeErr;
+        use sea_orm::sqlx::Error as Sqlx;
         match self {
             StoreError::Db(DbErr::Conn(e)) => Some(e.to_string()),
             StoreError::Db(DbErr::ConnectionAcquire(e)) => Some(e.to_string()),
+            // A pooled connection that died with its server fails its next statement with an
+            // I/O error rather than a connection error.
+            StoreError::Db(
+                DbErr::Query(RuntimeErr::SqlxError(e)) | DbErr::Exec(RuntimeErr::SqlxError(e)),
+            ) if matches!(
+                e.as_ref(),
+                Sqlx::Io(_)
+                    | Sqlx::PoolTimedOut
+                    | Sqlx::PoolClosed
+                    | Sqlx::WorkerCrashed
+                    | Sqlx::Protocol(_)
+            ) =>
+            {
+                Some(e.to_string())
+            }
             _ => None,
         }
     }
@@ -73,6 +90,17 @@ impl From<user::Model> for UserView {
             following_count: m.following_count,
         }
     }
+}
+
+/// A post's fan-out bookkeeping.
+#[derive(Debug, Clone, Copy)]
+pub struct FanoutPlan {
+    /// The author.
+    pub author: Id,
+    /// Whether fan-out already completed.
+    pub done: bool,
+    /// The author's follower count (celebrities are merged on read, not pushed).
+    pub author_followers: i64,
 }
 
 /// Outcome of a follow or unfollow.
@@ -106,6 +134,14 @@ fn to_proto(m: &post::Model) -> Post {
         body: m.body.clone(),
         created_at_ms: m.created_at.timestamp_millis(),
     }
+}
+
+/// A post's author, for the fan-out join.
+fn author_relation() -> RelationDef {
+    post::Entity::belongs_to(user::Entity)
+        .from(post::Column::AuthorId)
+        .to(user::Column::Id)
+        .into()
 }
 
 /// Followee side of a follow edge, for the celebrity join.
@@ -449,17 +485,23 @@ impl FeedStore {
             .collect())
     }
 
-    /// Fan-out bookkeeping of one post: (author, already fanned out), or None if it is gone.
-    pub async fn fanout_state(&self, id: Id) -> Result<Option<(Id, bool)>, StoreError> {
-        let row: Option<(i64, Option<chrono::DateTime<Utc>>)> =
+    /// What fan-out needs to know about a post, in one query; `None` if the post is gone.
+    pub async fn fanout_plan(&self, id: Id) -> Result<Option<FanoutPlan>, StoreError> {
+        let row: Option<(i64, Option<chrono::DateTime<Utc>>, i64)> =
             post::Entity::find_by_id(id.as_i64())
                 .select_only()
                 .column(post::Column::AuthorId)
                 .column(post::Column::FannedOutAt)
+                .join(JoinType::InnerJoin, author_relation())
+                .column(user::Column::FollowerCount)
                 .into_tuple()
                 .one(&self.db)
                 .await?;
-        Ok(row.map(|(author, done)| (Id::from_i64(author), done.is_some())))
+        Ok(row.map(|(author, done, followers)| FanoutPlan {
+            author: Id::from_i64(author),
+            done: done.is_some(),
+            author_followers: followers,
+        }))
     }
 
     /// Records that every follower's timeline holds the post.

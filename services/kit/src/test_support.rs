@@ -138,3 +138,155 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A private PostgreSQL server (its own data directory and port), for fault tests that stop and
+/// restart the database. Runs as the `postgres` OS user when the tests run as root.
+pub struct PostgresServer {
+    port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+    child: Option<Child>,
+}
+
+impl PostgresServer {
+    /// Initialises a data directory and starts the server; waits until it accepts connections.
+    pub fn start() -> PostgresServer {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|dirs| {
+                dirs.filter_map(Result::ok)
+                    .map(|d| d.path().join("bin"))
+                    .filter(|p| p.join("postgres").exists())
+                    .max()
+            })
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql/*/bin");
+        let dir = std::env::temp_dir().join(format!("loadlab-pg-{}", unique_suffix()));
+        std::fs::create_dir_all(&dir).expect("create data dir");
+        let server = PostgresServer {
+            port: free_port(),
+            dir,
+            bin,
+            child: None,
+        };
+        server.chown_to_postgres();
+        let status = server
+            .as_postgres(&server.bin.join("initdb"))
+            .args([
+                "-D",
+                &server.data_dir(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run initdb");
+        assert!(status.success(), "initdb failed");
+        let mut server = server;
+        server.restart();
+        server
+    }
+
+    fn data_dir(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    fn is_root() -> bool {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false)
+    }
+
+    fn chown_to_postgres(&self) {
+        if Self::is_root() {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:postgres", &self.dir.display().to_string()])
+                .status();
+        }
+    }
+
+    fn as_postgres(&self, program: &std::path::Path) -> Command {
+        if Self::is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Kills the server abruptly (its data survives, as after a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // `runuser` may leave the postmaster behind; stop it by its pid file.
+        let pid_file = self.dir.join("data").join("postmaster.pid");
+        if let Ok(text) = std::fs::read_to_string(&pid_file)
+            && let Some(pid) = text.lines().next()
+        {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            for _ in 0..100 {
+                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = std::fs::remove_file(pid_file);
+        }
+    }
+
+    /// Starts (again) on the same port and data, and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = self
+            .as_postgres(&self.bin.join("postgres"))
+            .args([
+                "-D",
+                &self.data_dir(),
+                "-p",
+                &self.port.to_string(),
+                "-k",
+                &self.dir.display().to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn postgres");
+        self.child = Some(child);
+        for _ in 0..300 {
+            let ready = Command::new(self.bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ready {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("private postgres on port {} did not start", self.port);
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

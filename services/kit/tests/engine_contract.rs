@@ -155,6 +155,25 @@ async fn timelines_are_capped_to_the_newest(engine: Engine) {
 
     let author = TimelineKey::Author(Id(2));
     let posts: Vec<Id> = (1..=9u64).map(|ms| id_at(ms, 7)).collect();
+    // Filling a missing timeline is a no-op (it was invalidated mid-rebuild).
+    engine
+        .timelines
+        .fill(author, &posts, 4)
+        .await
+        .expect("fill");
+    assert_eq!(
+        engine
+            .timelines
+            .range(&[author], None, 10)
+            .await
+            .expect("range"),
+        vec![None]
+    );
+    engine
+        .timelines
+        .materialise(author)
+        .await
+        .expect("materialise");
     engine
         .timelines
         .fill(author, &posts, 4)
@@ -173,6 +192,11 @@ contract!(timelines_are_capped_to_the_newest);
 async fn many_ids_in_one_millisecond_page_correctly(engine: Engine) {
     let home = TimelineKey::Home(Id(3));
     let posts: Vec<Id> = (0..200u64).map(|seq| id_at(500, seq)).collect();
+    engine
+        .timelines
+        .materialise(home)
+        .await
+        .expect("materialise");
     engine
         .timelines
         .fill(home, &posts, 800)
@@ -204,6 +228,11 @@ async fn real_snowflakes_round_trip(engine: Engine) {
     let posts: Vec<Id> = (0..50).map(|_| ids.next_id()).collect();
     assert!(posts[0].unix_ms() > EPOCH_UNIX_MS);
     let home = TimelineKey::Home(Id(4));
+    engine
+        .timelines
+        .materialise(home)
+        .await
+        .expect("materialise");
     engine
         .timelines
         .fill(home, &posts, 800)

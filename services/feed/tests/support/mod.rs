@@ -35,6 +35,8 @@ pub struct Options {
     pub backend: Backend,
     /// Redis URL for the Redis backend (a private server in fault tests).
     pub redis_url: Option<String>,
+    /// PostgreSQL URL for the PostgreSQL backend (a private server in fault tests).
+    pub postgres_url: Option<String>,
     pub celebrity_threshold: u64,
     pub timeline_cap: usize,
     pub fanout_batch: usize,
@@ -45,6 +47,8 @@ pub struct Options {
     /// Run the fan-out workers inside the feed (`--role all`); otherwise `--role api`.
     pub fanout_in_feed: bool,
     pub max_body_bytes: usize,
+    /// More feed flags, appended last (so they override the defaults above).
+    pub feed_flags: Vec<String>,
 }
 
 impl Options {
@@ -52,6 +56,7 @@ impl Options {
         Options {
             backend,
             redis_url: None,
+            postgres_url: None,
             celebrity_threshold: 10_000,
             timeline_cap: 800,
             fanout_batch: 500,
@@ -61,11 +66,13 @@ impl Options {
             claim_idle: Duration::from_secs(30),
             fanout_in_feed: true,
             max_body_bytes: 64 * 1024,
+            feed_flags: Vec::new(),
         }
     }
 }
 
 #[derive(Parser)]
+#[command(args_override_self = true)]
 struct FeedCli {
     #[command(flatten)]
     config: FeedConfig,
@@ -183,13 +190,20 @@ pub fn feed_config(
         ]
         .map(str::to_owned),
     );
+    args.extend(options.feed_flags.iter().cloned());
     FeedCli::try_parse_from(args).expect("feed flags").config
 }
 
 impl Stack {
     pub async fn start(options: Options) -> Stack {
         let db_settings = match options.backend {
-            Backend::PostgresRedis => test_support::postgres_db(),
+            Backend::PostgresRedis => {
+                let mut settings = test_support::postgres_db();
+                if let Some(url) = &options.postgres_url {
+                    settings.url = url.clone();
+                }
+                settings
+            }
             Backend::SqliteMemory => test_support::sqlite_db(),
         };
         let db = db::connect(&db_settings).await.expect("connect database");
