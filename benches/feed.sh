@@ -48,6 +48,8 @@ wait_ready() {
   log "$1 never became ready"; exit 1
 }
 
+redis_pid() { pgrep -o -f 'redis-server .*:6379' || pgrep -o redis-server; }
+
 peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 metric_sum() { # metric_sum URL NAME: value of an unlabelled counter/gauge line
@@ -80,6 +82,22 @@ print(f"(n={int(total)})")
 PY
 }
 
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# cpu_report LABEL SECONDS "PID NAME"...: cores each process used over the phase
+cpu_start() { cpu_before=(); for p in "$@"; do cpu_before+=("$(cpu_ticks "$p")"); done; cpu_t0=$(date +%s.%N); }
+cpu_report() {
+  local label=$1; shift
+  local elapsed; elapsed=$(python3 -c "import time; print(time.time() - $cpu_t0)")
+  local hz; hz=$(getconf CLK_TCK)
+  local i=0 line="[$label] CPU (cores):"
+  for p in "$@"; do
+    local name; name=$(awk '{print $2}' "/proc/$p/stat" 2>/dev/null | tr -d '()')
+    line+=" $name $(python3 -c "print(f'{($(cpu_ticks "$p") - ${cpu_before[$i]}) / $hz / $elapsed:.2f}')")"
+    i=$((i + 1))
+  done
+  say "$line"
+}
+
 wrk_rps() { awk '/^Requests\/sec/ {print $2}' "$1"; }
 wrk_non2xx() { awk '/Non-2xx/ {print $5}' "$1"; }
 
@@ -96,9 +114,12 @@ run_config() { # run_config NAME FEED_URL PIDS...
   LOADLAB_BENCH_USERS="$work/$name/readers.txt" LOADLAB_BENCH_LIMIT=50 \
     wrk -t"$THREADS" -c"$CONNECTIONS" -d5s -s benches/feed/read.lua "$url" >/dev/null
 
+  local watch=("${svc_pids[@]}" "$(redis_pid)")
   log "[$name] home-timeline reads, max throughput (wrk ${DURATION}, ${CONNECTIONS} connections)"
+  cpu_start "${watch[@]}"
   LOADLAB_BENCH_USERS="$work/$name/readers.txt" \
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s benches/feed/read.lua "$url" > "$work/$name-read.txt"
+  cpu_report "$name read" "${watch[@]}"
   local read_rps; read_rps=$(wrk_rps "$work/$name-read.txt")
   say "[$name] read: ${read_rps} req/s (target >= 5000); non-2xx: $(wrk_non2xx "$work/$name-read.txt" || echo 0)"
   grep -E '^\s+(50|99)%' "$work/$name-read.txt" | sed "s/^/[$name] read latency at max throughput /" | tee -a "$report"
@@ -120,12 +141,18 @@ PY
 
   log "[$name] post creation, 100 followers per author (wrk ${DURATION})"
   local before; before=$(lag_snapshot "$url")
+  local posts_before; posts_before=$(metric_sum "$url" loadlab_fanout_posts_total)
+  cpu_start "${watch[@]}"
+  local t0; t0=$(date +%s.%N)
   LOADLAB_BENCH_USERS="$work/$name/posters.txt" \
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s benches/feed/post.lua "$url" > "$work/$name-post.txt"
-  say "[$name] post: $(wrk_rps "$work/$name-post.txt") posts/s (target >= 1000); non-2xx: $(wrk_non2xx "$work/$name-post.txt" || echo 0)"
-  for _ in $(seq 1 1200); do
+  say "[$name] post: $(wrk_rps "$work/$name-post.txt") posts/s accepted (target >= 1000); non-2xx: $(wrk_non2xx "$work/$name-post.txt" || echo 0)"
+  for _ in $(seq 1 2400); do
     [ "$(metric_sum "$url" loadlab_fanout_backlog)" = 0 ] && break; sleep 0.25
   done
+  local fanned; fanned=$(( $(metric_sum "$url" loadlab_fanout_posts_total) - posts_before ))
+  say "[$name] fan-out: ${fanned} posts to 100 followers each in $(python3 -c "import time; print(f'{time.time() - $t0:.1f}')") s from the first post to an empty queue"
+  cpu_report "$name post+fan-out" "${watch[@]}"
   sleep 1
   say "[$name] fan-out lag: $(lag_p99 "$before" "$(lag_snapshot "$url")") (target p99 <= 1000ms)"
   for p in "${svc_pids[@]}"; do
@@ -148,8 +175,9 @@ if [ "${ONLY:-redis}" = redis ] || [ -z "${ONLY:-}" ]; then
   kill -TERM "$fd" "$tl"; wait "$fd" "$tl" 2>/dev/null || true
 
   log "redis-benchmark: the Redis commands one read uses, same machine, ${CONNECTIONS} connections"
-  key=$(redis-cli -u "$LOADLAB_TEST_REDIS_URL" --scan --pattern "${prefix}tl:h:*" | head -n1)
-  posts=$(redis-cli -u "$LOADLAB_TEST_REDIS_URL" --scan --pattern "${prefix}post:*" | head -n 50 | tr '\n' ' ')
+  # (|| true: head closing the pipe early is not a failure)
+  key=$( (redis-cli -u "$LOADLAB_TEST_REDIS_URL" --scan --pattern "${prefix}tl:h:*" || true) | head -n1)
+  posts=$( (redis-cli -u "$LOADLAB_TEST_REDIS_URL" --scan --pattern "${prefix}post:*" || true) | head -n 50 | tr '\n' ' ')
   rb() { redis-benchmark -q -c "$CONNECTIONS" -n 100000 "$@" 2>/dev/null | tr '\r' '\n' | awk '/requests per second/ {print $(NF-5)}' | tail -n1; }
   z=$(rb zrevrangebyscore "$key" +inf 0 LIMIT 0 50)
   s=$(rb smembers "${prefix}celebs:none")

@@ -7,6 +7,7 @@
 //! (restart, flush) is re-published by the outbox sweep, which finds posts whose `fanned_out_at`
 //! is still NULL after `--fanout-sweep-after`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tonic::transport::Channel;
 
-use crate::store::FeedStore;
+use crate::store::{FanoutPlan, FeedStore};
+
+/// The outbox sweep runs only while fewer jobs than this are queued.
+const SWEEP_MAX_BACKLOG: u64 = 1_000;
 
 /// Fan-out tuning.
 #[derive(Debug, Clone)]
@@ -190,12 +194,7 @@ impl Fanout {
             if batch.is_empty() {
                 continue;
             }
-            let done: Vec<String> = futures::stream::iter(batch)
-                .map(|delivery| self.process(delivery))
-                .buffer_unordered(self.settings.concurrency)
-                .filter_map(|r| async move { r })
-                .collect()
-                .await;
+            let done = self.process_batch(batch).await;
             if let Err(e) = c.ack(&done).await {
                 // Unacked jobs are reclaimed and redone; fan-out is idempotent.
                 tracing::warn!(error = %e, jobs = done.len(), "fan-out ack failed");
@@ -223,35 +222,80 @@ impl Fanout {
         *backoff = (*backoff * 2).min(Duration::from_secs(5));
     }
 
-    /// Fans out one post; returns the delivery id to ack on success.
-    async fn process(&self, delivery: Delivery) -> Option<String> {
-        match self.fan_out(delivery.job.post, delivery.job.author).await {
-            Ok(()) => Some(delivery.id),
+    /// Fans out a batch of jobs; returns the delivery ids to ack. Bookkeeping is batched: one
+    /// query reads every post's plan, one statement marks the finished ones. A job that failed
+    /// is not acked, so it is retried (reclaimed) later.
+    async fn process_batch(&self, batch: Vec<Delivery>) -> Vec<String> {
+        let ids: Vec<Id> = batch.iter().map(|d| d.job.post).collect();
+        let plans = match self.store.fanout_plans(&ids).await {
+            Ok(plans) => plans,
             Err(e) => {
-                self.metrics.failures.inc();
-                tracing::warn!(post = %delivery.job.post, error = %e, "fan-out failed; it will be retried");
-                None
+                self.metrics.failures.inc_by(batch.len() as u64);
+                tracing::warn!(error = %e, jobs = batch.len(), "cannot read fan-out plans; the jobs will be retried");
+                return Vec::new();
+            }
+        };
+        let mut ack = Vec::with_capacity(batch.len());
+        let mut waiting: HashMap<Id, Vec<String>> = HashMap::new();
+        let mut todo = Vec::new();
+        for d in batch {
+            match plans.get(&d.job.post) {
+                // Gone (nothing to do) or already done (a duplicate delivery).
+                None => ack.push(d.id),
+                Some(plan) if plan.done => ack.push(d.id),
+                Some(plan) => {
+                    if plan.author != d.job.author {
+                        tracing::warn!(post = %d.job.post, job = %d.job.author, stored = %plan.author, "fan-out job names the wrong author; using the stored one");
+                    }
+                    let entry = waiting.entry(d.job.post).or_default();
+                    if entry.is_empty() {
+                        todo.push((d.job.post, *plan));
+                    }
+                    entry.push(d.id);
+                }
             }
         }
+        let pushed: Vec<Id> = futures::stream::iter(todo)
+            .map(|(post, plan)| async move {
+                match self.push(post, plan).await {
+                    Ok(()) => Some(post),
+                    Err(e) => {
+                        self.metrics.failures.inc();
+                        tracing::warn!(%post, error = %e, "fan-out failed; it will be retried");
+                        None
+                    }
+                }
+            })
+            .buffer_unordered(self.settings.concurrency)
+            .filter_map(|p| async move { p })
+            .collect()
+            .await;
+        if pushed.is_empty() {
+            return ack;
+        }
+        if let Err(e) = self.store.mark_fanned_out(&pushed).await {
+            // Not acked: redelivered later, and the pushes are idempotent.
+            tracing::warn!(error = %e, posts = pushed.len(), "cannot record finished fan-outs; they will be redone");
+            return ack;
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        for post in &pushed {
+            self.metrics
+                .lag
+                .observe((now - post.unix_ms()).max(0) as f64 / 1_000.0);
+            ack.extend(waiting.remove(post).unwrap_or_default());
+        }
+        self.metrics.posts.inc_by(pushed.len() as u64);
+        ack
     }
 
-    /// Pushes `post` into the author's timeline and every follower's home timeline, unless the
+    /// Pushes `post` into its author's timelines and every follower's home timeline, unless the
     /// author is a celebrity (then readers merge it on read). Idempotent.
-    pub async fn fan_out(
+    async fn push(
         &self,
         post: Id,
-        author: Id,
+        plan: FanoutPlan,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let Some(plan) = self.store.fanout_plan(post).await? else {
-            tracing::debug!(%post, "post no longer exists; nothing to fan out");
-            return Ok(());
-        };
-        if plan.done {
-            return Ok(());
-        }
-        if plan.author != author {
-            tracing::warn!(%post, %author, stored = %plan.author, "fan-out job names the wrong author; using the stored one");
-        }
         let author = plan.author;
         let celebrity = plan.author_followers >= self.settings.celebrity_threshold as i64;
         let mut timeline = self.timeline.clone();
@@ -293,10 +337,6 @@ impl Fanout {
                 tokio::time::sleep(self.settings.batch_delay).await;
             }
         }
-        self.store.mark_fanned_out(post).await?;
-        let lag_ms = (chrono::Utc::now().timestamp_millis() - post.unix_ms()).max(0);
-        self.metrics.lag.observe(lag_ms as f64 / 1_000.0);
-        self.metrics.posts.inc();
         Ok(())
     }
 
@@ -309,11 +349,21 @@ impl Fanout {
                 _ = tick.tick() => {}
                 () = shutdown.wait() => return,
             }
+            let backlog = match self.engine.fanout.backlog().await {
+                Ok(n) => {
+                    self.metrics.backlog.set(n as i64);
+                    n
+                }
+                // The queue is unreachable: sweeping would fail too.
+                Err(_) => continue,
+            };
+            // A long queue means workers are behind, not that jobs were lost: re-publishing
+            // then would only pile duplicates onto the backlog. Lost jobs are found once it drains.
+            if backlog >= SWEEP_MAX_BACKLOG {
+                continue;
+            }
             if let Err(e) = self.sweep_once().await {
                 tracing::warn!(error = %e, "outbox sweep failed; retrying next period");
-            }
-            if let Ok(n) = self.engine.fanout.backlog().await {
-                self.metrics.backlog.set(n as i64);
             }
         }
     }

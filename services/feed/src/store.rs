@@ -1,6 +1,7 @@
 //! The feed's source of truth: users, the follow graph and posts in the database, plus the
 //! hand-off of new posts to the fan-out queue.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -485,30 +486,42 @@ impl FeedStore {
             .collect())
     }
 
-    /// What fan-out needs to know about a post, in one query; `None` if the post is gone.
-    pub async fn fanout_plan(&self, id: Id) -> Result<Option<FanoutPlan>, StoreError> {
-        let row: Option<(i64, Option<chrono::DateTime<Utc>>, i64)> =
-            post::Entity::find_by_id(id.as_i64())
-                .select_only()
-                .column(post::Column::AuthorId)
-                .column(post::Column::FannedOutAt)
-                .join(JoinType::InnerJoin, author_relation())
-                .column(user::Column::FollowerCount)
-                .into_tuple()
-                .one(&self.db)
-                .await?;
-        Ok(row.map(|(author, done, followers)| FanoutPlan {
-            author: Id::from_i64(author),
-            done: done.is_some(),
-            author_followers: followers,
-        }))
+    /// What fan-out needs to know about each of `ids` that still exists, in one query.
+    pub async fn fanout_plans(&self, ids: &[Id]) -> Result<HashMap<Id, FanoutPlan>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(i64, i64, Option<chrono::DateTime<Utc>>, i64)> = post::Entity::find()
+            .select_only()
+            .column(post::Column::Id)
+            .column(post::Column::AuthorId)
+            .column(post::Column::FannedOutAt)
+            .join(JoinType::InnerJoin, author_relation())
+            .column(user::Column::FollowerCount)
+            .filter(post::Column::Id.is_in(ids.iter().map(|i| i.as_i64())))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, author, done, followers)| {
+                (
+                    Id::from_i64(id),
+                    FanoutPlan {
+                        author: Id::from_i64(author),
+                        done: done.is_some(),
+                        author_followers: followers,
+                    },
+                )
+            })
+            .collect())
     }
 
-    /// Records that every follower's timeline holds the post.
-    pub async fn mark_fanned_out(&self, id: Id) -> Result<(), StoreError> {
+    /// Records that every follower's timeline holds these posts.
+    pub async fn mark_fanned_out(&self, ids: &[Id]) -> Result<(), StoreError> {
         post::Entity::update_many()
             .col_expr(post::Column::FannedOutAt, Expr::value(Utc::now()))
-            .filter(post::Column::Id.eq(id.as_i64()))
+            .filter(post::Column::Id.is_in(ids.iter().map(|i| i.as_i64())))
             .exec(&self.db)
             .await?;
         Ok(())
