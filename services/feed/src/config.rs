@@ -78,9 +78,13 @@ pub struct FeedConfig {
     #[arg(long, env = "LOADLAB_FANOUT_BATCH", default_value_t = 500)]
     pub fanout_batch: usize,
 
-    /// Posts fanned out concurrently by one worker process.
+    /// Posts fanned out concurrently by each consumer.
     #[arg(long, env = "LOADLAB_FANOUT_CONCURRENCY", default_value_t = 16)]
     pub fanout_concurrency: usize,
+
+    /// Queue consumers per process; each keeps a batch of posts in flight.
+    #[arg(long, env = "LOADLAB_FANOUT_CONSUMERS", default_value_t = 4)]
+    pub fanout_consumers: usize,
 
     /// Pause between batches of one post's fan-out, to throttle the write load on timelines.
     #[arg(long, env = "LOADLAB_FANOUT_BATCH_DELAY", default_value = "0s", value_parser = parse_duration)]
@@ -116,8 +120,10 @@ impl FeedConfig {
         if self.fanout_batch == 0 || self.fanout_batch > 10_000 {
             return Err(ConfigError("--fanout-batch must be in 1..=10000".into()));
         }
-        if self.fanout_concurrency == 0 {
-            return Err(ConfigError("--fanout-concurrency must be positive".into()));
+        if self.fanout_concurrency == 0 || self.fanout_consumers == 0 {
+            return Err(ConfigError(
+                "--fanout-concurrency and --fanout-consumers must be positive".into(),
+            ));
         }
         if self.fanout_sweep_interval.is_zero() || self.fanout_claim_idle.is_zero() {
             return Err(ConfigError(

@@ -33,8 +33,10 @@ const SWEEP_MAX_BACKLOG: u64 = 1_000;
 pub struct FanoutSettings {
     /// Followers per Append call.
     pub batch: usize,
-    /// Posts processed concurrently.
+    /// Posts processed concurrently per consumer.
     pub concurrency: usize,
+    /// Consumers (queue readers) in this process, each with its own batch in flight.
+    pub consumers: usize,
     /// Pause between batches of one post.
     pub batch_delay: Duration,
     /// Sweep period.
@@ -137,10 +139,11 @@ impl Fanout {
     /// Runs the consumer and the sweep until `shutdown`; in-flight jobs finish first. Both run
     /// in this one future, so dropping it (a killed worker) stops everything at once.
     pub async fn run(self, consumer_name: String, shutdown: Shutdown) {
-        tokio::join!(
-            self.sweep_loop(shutdown.clone()),
-            self.consume_loop(consumer_name, shutdown.clone())
+        let consumers = futures::future::join_all(
+            (0..self.settings.consumers.max(1))
+                .map(|i| self.consume_loop(format!("{consumer_name}-{i}"), shutdown.clone())),
         );
+        tokio::join!(self.sweep_loop(shutdown.clone()), consumers);
     }
 
     async fn consume_loop(&self, name: String, shutdown: Shutdown) {

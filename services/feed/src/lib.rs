@@ -138,6 +138,7 @@ pub async fn serve_with(
             fanout::FanoutSettings {
                 batch: cfg.fanout_batch,
                 concurrency: cfg.fanout_concurrency,
+                consumers: cfg.fanout_consumers,
                 batch_delay: cfg.fanout_batch_delay,
                 sweep_interval: cfg.fanout_sweep_interval,
                 sweep_after: cfg.fanout_sweep_after,

@@ -5,6 +5,11 @@ use loadlab_feed::FeedConfig;
 use loadlab_kit::config::DbArgs;
 use loadlab_kit::{Shutdown, db, shutdown, telemetry};
 
+/// mimalloc: the services allocate many small short-lived buffers per request, where glibc
+/// malloc showed up as ~15% of CPU in profiles of the read path.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The feed service: HTTP edge, FeedService gRPC and fan-out workers.
 #[derive(Parser)]
 #[command(name = "loadlab-feed", version, args_conflicts_with_subcommands = true)]

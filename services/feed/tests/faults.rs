@@ -44,6 +44,7 @@ fn settings(
     FanoutSettings {
         batch,
         concurrency: 4,
+        consumers: 2,
         batch_delay: delay,
         sweep_interval: Duration::from_millis(200),
         sweep_after,

@@ -42,14 +42,18 @@ const GROUP: &str = "fanout";
 const STREAM_MAX_LEN: i64 = 1_000_000;
 
 /// Appends to materialised timelines. KEYS: timelines; ARGV: member, score, cap.
-/// Trimming keeps rank 0 (the marker, score -1) and the newest `cap` entries.
+/// A materialised timeline always has at least its marker (score -1), so ZCARD tells missing
+/// from materialised in one O(1) call. Trimming keeps rank 0 (the marker) and the newest `cap`.
 const APPEND_LUA: &str = r#"
 local n = 0
-local stop = -(tonumber(ARGV[3]) + 1)
+local cap = tonumber(ARGV[3])
 for _, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then
-    redis.call('ZADD', key, ARGV[2], ARGV[1])
-    redis.call('ZREMRANGEBYRANK', key, 1, stop)
+  local card = redis.call('ZCARD', key)
+  if card > 0 then
+    card = card + redis.call('ZADD', key, ARGV[2], ARGV[1])
+    if card > cap + 1 then
+      redis.call('ZREMRANGEBYRANK', key, 1, card - cap - 1)
+    end
     n = n + 1
   end
 end
