@@ -217,6 +217,12 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening (HTTP/1.1 + h2c)");
     let signal = shutdown.clone();
+    // Responses are small and latency matters more than packet count.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, router.into_make_service())
         .with_graceful_shutdown(async move { signal.wait().await });
     let server = tokio::spawn(async move { server.await });

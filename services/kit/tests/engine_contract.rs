@@ -455,3 +455,44 @@ async fn redis_fault_consumer_recovers_after_restart() {
         vec![Id(5)]
     );
 }
+
+async fn appends_trim_in_bulk_past_the_slack(engine: Engine) {
+    let home = TimelineKey::Home(Id(5));
+    engine
+        .timelines
+        .materialise(home)
+        .await
+        .expect("materialise");
+    let len = |v: Vec<Option<Vec<Id>>>| v[0].as_ref().map_or(0, Vec::len);
+    // cap 32 → slack 2: up to 34 entries are kept, the 35th trims back to 32.
+    for ms in 1..=34u64 {
+        engine
+            .timelines
+            .append(&[home], id_at(ms, 0), 32)
+            .await
+            .expect("append");
+    }
+    assert_eq!(
+        len(engine
+            .timelines
+            .range(&[home], None, 100)
+            .await
+            .expect("range")),
+        34
+    );
+    engine
+        .timelines
+        .append(&[home], id_at(35, 0), 32)
+        .await
+        .expect("append");
+    let got = engine
+        .timelines
+        .range(&[home], None, 100)
+        .await
+        .expect("range");
+    assert_eq!(
+        got,
+        vec![Some((4..=35u64).rev().map(|ms| id_at(ms, 0)).collect())]
+    );
+}
+contract!(appends_trim_in_bulk_past_the_slack);

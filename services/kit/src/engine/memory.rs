@@ -43,9 +43,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn trim(set: &mut BTreeSet<Id>, cap: usize) {
-    while set.len() > cap {
-        set.pop_first();
+/// Trims to `cap` once the set exceeds it by `slack` (the same bulk trimming as Redis).
+fn trim(set: &mut BTreeSet<Id>, cap: usize, slack: usize) {
+    if set.len() > cap + slack {
+        while set.len() > cap {
+            set.pop_first();
+        }
     }
 }
 
@@ -57,7 +60,7 @@ impl TimelineStore for MemoryEngine {
         for key in keys {
             if let Some(set) = timelines.get_mut(key) {
                 set.insert(post);
-                trim(set, cap);
+                trim(set, cap, cap / 16);
                 n += 1;
             }
         }
@@ -91,7 +94,7 @@ impl TimelineStore for MemoryEngine {
         let mut timelines = lock(&self.timelines);
         if let Some(set) = timelines.get_mut(&key) {
             set.extend(posts.iter().copied());
-            trim(set, cap);
+            trim(set, cap, 0);
         }
         Ok(())
     }

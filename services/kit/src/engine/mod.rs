@@ -61,7 +61,8 @@ pub enum TimelineKey {
 #[async_trait]
 pub trait TimelineStore: Send + Sync {
     /// Adds `post` to every materialised timeline among `keys`, trimming each to the newest `cap`
-    /// entries. Idempotent. Returns how many timelines received it.
+    /// entries once it holds more than `cap + cap / 16` (trimming in bulk is much cheaper than
+    /// on every append). Idempotent. Returns how many timelines received it.
     async fn append(&self, keys: &[TimelineKey], post: Id, cap: usize) -> Result<u32, EngineError>;
 
     /// For each key, `None` if missing, else up to `limit` post ids strictly older than `before`

@@ -43,15 +43,18 @@ const STREAM_MAX_LEN: i64 = 1_000_000;
 
 /// Appends to materialised timelines. KEYS: timelines; ARGV: member, score, cap.
 /// A materialised timeline always has at least its marker (score -1), so ZCARD tells missing
-/// from materialised in one O(1) call. Trimming keeps rank 0 (the marker) and the newest `cap`.
+/// from materialised in one O(1) call. Trimming keeps rank 0 (the marker) and the newest `cap`;
+/// it happens in bulk once a timeline exceeds its cap by 1/16, which saves a command on almost
+/// every append (the dominant Redis cost of fan-out).
 const APPEND_LUA: &str = r#"
 local n = 0
 local cap = tonumber(ARGV[3])
+local slack = math.floor(cap / 16)
 for _, key in ipairs(KEYS) do
   local card = redis.call('ZCARD', key)
   if card > 0 then
     card = card + redis.call('ZADD', key, ARGV[2], ARGV[1])
-    if card > cap + 1 then
+    if card > cap + 1 + slack then
       redis.call('ZREMRANGEBYRANK', key, 1, card - cap - 1)
     end
     n = n + 1
