@@ -127,7 +127,9 @@ run_config() { # run_config NAME FEED_URL PIDS...
   local half; half=$(python3 -c "print(max(1, int(float('$read_rps') / 2)))")
   log "[$name] home-timeline reads at a constant ${half} req/s (k6)"
   LOADLAB_BENCH_URL="$url" LOADLAB_BENCH_RATE=$half LOADLAB_BENCH_USERS="$work/$name/readers.txt" LOADLAB_BENCH_DURATION=$DURATION \
+    /usr/bin/time -f "%U %S %e" -o "$work/k6-time.txt" \
     k6 run -q --summary-trend-stats "avg,med,p(95),p(99),max" --summary-export "$work/$name-k6.json" benches/feed/read_rate.js >/dev/null 2>&1 || true
+  say "[$name] (the k6 generator itself used $(awk '{printf "%.2f", ($1 + $2) / $3}' "$work/k6-time.txt") cores of $(nproc))"
   python3 - "$work/$name-k6.json" "$name" "$half" <<'PY' | tee -a "$report"
 import json, sys
 s = json.load(open(sys.argv[1]))["metrics"]
@@ -154,7 +156,17 @@ PY
   say "[$name] fan-out: ${fanned} posts to 100 followers each in $(python3 -c "import time; print(f'{time.time() - $t0:.1f}')") s from the first post to an empty queue"
   cpu_report "$name post+fan-out" "${watch[@]}"
   sleep 1
-  say "[$name] fan-out lag: $(lag_p99 "$before" "$(lag_snapshot "$url")") (target p99 <= 1000ms)"
+  say "[$name] fan-out lag when overloaded: $(lag_p99 "$before" "$(lag_snapshot "$url")") (the queue grows while posts arrive faster than fan-out drains)"
+  local sustain; sustain=$(python3 -c "import time; print(max(10, int($fanned / (time.time() - $t0) / 2)))")
+  log "[$name] posts at a constant ${sustain}/s (k6), half the fan-out throughput, for the lag"
+  before=$(lag_snapshot "$url")
+  LOADLAB_BENCH_URL="$url" LOADLAB_BENCH_RATE=$sustain LOADLAB_BENCH_USERS="$work/$name/posters.txt" LOADLAB_BENCH_DURATION=$DURATION \
+    k6 run -q --summary-export "$work/$name-k6-post.json" benches/feed/post_rate.js >/dev/null 2>&1 || true
+  for _ in $(seq 1 1200); do
+    [ "$(metric_sum "$url" loadlab_fanout_backlog)" = 0 ] && break; sleep 0.25
+  done
+  sleep 1
+  say "[$name] fan-out lag at ${sustain} posts/s: $(lag_p99 "$before" "$(lag_snapshot "$url")") (target p99 <= 1000ms)"
   for p in "${svc_pids[@]}"; do
     say "[$name] peak RSS of $(tr '\0' ' ' < "/proc/$p/cmdline" | cut -c1-60): $(( $(peak_rss_kib "$p") / 1024 )) MiB"
   done
