@@ -318,11 +318,14 @@ async fn user_posts(
     ApiQuery(page): ApiQuery<PageQuery>,
 ) -> Result<Json<PostList>, ApiError> {
     let limit = page.limit()?;
-    state.store.user(id).await?;
     let posts = state
         .store
         .posts_by_authors(&[id], page.before, u64::from(limit))
         .await?;
+    if posts.is_empty() {
+        // An unknown user is a 404, not an empty list; only an empty page pays for the check.
+        state.store.user(id).await?;
+    }
     Ok(Json(PostList::new(posts, limit)))
 }
 

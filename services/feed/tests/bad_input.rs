@@ -233,6 +233,17 @@ async fn bad_tokens_and_foreign_users_are_refused(backend: Backend) {
     assert_eq!(body["error"]["message"], "token expired", "{status}");
     let (status, _) = stack.raw(Method::GET, &home, None, None, Vec::new()).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Tokens in the query string are for WebSocket upgrades only, never plain HTTP routes.
+    let (status, _) = stack
+        .raw(
+            Method::GET,
+            &format!("{home}?token={}", alice.token),
+            None,
+            None,
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     // Acting for another user.
     assert_error(

@@ -135,32 +135,39 @@ where
     }
 }
 
-/// The token of an `Authorization: Bearer …` header, or `?token=` for WebSocket upgrades where
-/// browsers cannot set headers.
+/// The token of an `Authorization: Bearer …` header.
 pub fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
-    if let Some(value) = parts.headers.get(AUTHORIZATION) {
-        let value = value
-            .to_str()
-            .map_err(|_| ApiError::unauthorized("Authorization header is not ASCII"))?;
-        let (scheme, token) = value
-            .split_once(' ')
-            .ok_or_else(|| ApiError::unauthorized("expected `Authorization: Bearer <token>`"))?;
-        if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-            return Err(ApiError::unauthorized(
-                "expected `Authorization: Bearer <token>`",
-            ));
+    let value = parts
+        .headers
+        .get(AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("missing bearer token"))?
+        .to_str()
+        .map_err(|_| ApiError::unauthorized("Authorization header is not ASCII"))?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
         }
-        return Ok(token.trim());
+        _ => Err(ApiError::unauthorized(
+            "expected `Authorization: Bearer <token>`",
+        )),
     }
-    if let Some(query) = parts.uri.query()
-        && let Some(token) = query
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("token="))
-            .filter(|t| !t.is_empty())
-    {
-        return Ok(token);
+}
+
+/// The bearer token, or `?token=` when there is no `Authorization` header: browsers cannot set
+/// headers on WebSocket upgrades. Plain HTTP routes accept the header only, so tokens stay out
+/// of URLs (and access logs) there.
+pub fn bearer_or_query_token(parts: &Parts) -> Result<&str, ApiError> {
+    if parts.headers.contains_key(AUTHORIZATION) {
+        return bearer_token(parts);
     }
-    Err(ApiError::unauthorized("missing bearer token"))
+    parts
+        .uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("token=")))
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("missing bearer token"))
 }
 
 /// argon2id cost parameters.
@@ -303,6 +310,36 @@ mod tests {
             TokenKeys::new(b"short", Duration::from_secs(1)),
             Err(TokenError::WeakSecret)
         ));
+    }
+
+    fn parts(uri: &str, auth: Option<&str>) -> Parts {
+        let mut req = axum::http::Request::builder().uri(uri);
+        if let Some(a) = auth {
+            req = req.header(AUTHORIZATION, a);
+        }
+        req.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn tokens_come_from_the_header_and_for_websockets_the_query() {
+        assert_eq!(bearer_token(&parts("/x", Some("Bearer abc"))), Ok("abc"));
+        assert_eq!(bearer_token(&parts("/x", Some("bearer  abc "))), Ok("abc"));
+        for bad in [Some("Basic abc"), Some("Bearer "), Some("abc"), None] {
+            assert!(
+                bearer_token(&parts("/x?token=abc", bad)).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            bearer_or_query_token(&parts("/ws?a=1&token=xyz", None)),
+            Ok("xyz")
+        );
+        assert_eq!(
+            bearer_or_query_token(&parts("/ws?token=xyz", Some("Bearer abc"))),
+            Ok("abc")
+        );
+        assert!(bearer_or_query_token(&parts("/ws?token=", None)).is_err());
+        assert!(bearer_or_query_token(&parts("/ws", None)).is_err());
     }
 
     #[tokio::test]

@@ -126,6 +126,7 @@ pub async fn router(parts: Parts, shutdown: &Shutdown) -> Result<Router, BoxErro
         .with_state(parts.metrics.clone());
 
     let limits = parts.limits;
+    tracing::debug!(service = parts.name, grpc = ?parts.grpc_names, "routes assembled");
     let router = grpc
         .merge(parts.http)
         .merge(probes)
