@@ -61,6 +61,11 @@ ensure_redis() {
   redis_answers || { log "Redis does not answer at $LOADLAB_TEST_REDIS_URL"; exit 1; }
 }
 
+# The HTML report's tests open it in headless Chromium; Debian's package puts it at /usr/bin/chromium.
+ensure_chromium() {
+  [ -x /usr/bin/chromium ] || apt_install chromium
+}
+
 # Removes what crashed test runs left behind: test schemas and test-prefixed Redis keys.
 cleanup_test_leftovers() {
   psql_test -At -c "select nspname from pg_namespace where nspname like 'test\_%'" |

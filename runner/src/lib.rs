@@ -2,4 +2,17 @@
 //! under test in one process, on consecutive ports, sharing one engine.
 #![forbid(unsafe_code)]
 
+pub mod cli;
+pub mod console;
+pub mod demo;
+pub mod executor;
+pub mod http_client;
+pub mod metrics;
+pub mod procstat;
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod spec;
 pub mod stack;
+pub mod summary;
+pub mod threshold;

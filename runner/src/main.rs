@@ -1,7 +1,14 @@
 //! `loadlab`: the runner's command line.
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
+use loadlab::cli::RunArgs;
 use loadlab::stack::{Stack, StackArgs};
+use loadlab::summary::Summary;
+use loadlab::{console, demo, report, run};
 use loadlab_kit::{Shutdown, shutdown, telemetry};
 
 /// mimalloc: the services allocate many small short-lived buffers per request, where glibc
@@ -19,19 +26,51 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole thing on this machine: the embedded stack (memory engine, SQLite), seeded, a
+    /// ~30 s feed-mixed run with a live progress line, the summary, and a report in
+    /// loadlab-report/ (summary.json, index.html).
+    Demo {
+        /// Length of the load phase.
+        #[arg(long, default_value = "30s", value_parser = loadlab::spec::parse_duration)]
+        duration: Duration,
+        /// Report directory.
+        #[arg(long, default_value = "loadlab-report")]
+        out: PathBuf,
+        /// No live progress line.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Run the system under test in this process: feed and timeline on consecutive ports from
     /// --base-port (memory engine and SQLite by default). Ctrl-C stops it gracefully.
     Up(StackArgs),
+    /// Run a load test from this machine (`-f loadtest.yaml` or flags). Exit code 99 when a
+    /// threshold fails.
+    Run(Box<RunArgs>),
+    /// Print the summary of a finished run and re-render its index.html.
+    Report {
+        /// The report directory (holding summary.json).
+        dir: PathBuf,
+    },
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_logging(telemetry::LogFormat::Text);
-    match cli.command {
+    match execute(cli.command).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn execute(command: Command) -> anyhow::Result<ExitCode> {
+    let stop = Shutdown::new();
+    shutdown::trigger_on_signals(stop.clone());
+    match command {
         Command::Up(args) => {
-            let stop = Shutdown::new();
-            shutdown::trigger_on_signals(stop.clone());
             let stack = Stack::start(&args, stop).await?;
             if args.jwt_secret.is_none() {
                 println!(
@@ -42,7 +81,51 @@ async fn main() -> anyhow::Result<()> {
             println!("feed      {}", stack.feed_url);
             println!("timeline  {} (gRPC)", stack.timeline_url);
             stack.wait().await?;
-            Ok(())
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            duration,
+            out,
+            quiet,
+        } => {
+            let outcome = demo::demo(out.clone(), duration, !quiet, stop).await?;
+            finish(&outcome.summary, &out, outcome.exit_code)
+        }
+        Command::Run(args) => {
+            let spec = args.spec()?;
+            let opts = run::RunOptions {
+                out_dir: args.out.clone(),
+                progress: !args.quiet,
+                server_processes: args.server_processes()?,
+                run_id: format!("run{}", chrono::Utc::now().format("%Y%m%d%H%M%S")),
+                insecure_skip_verify: args.insecure,
+            };
+            let outcome = run::run(&spec, &opts, stop).await?;
+            finish(&outcome.summary, &args.out, outcome.exit_code)
+        }
+        Command::Report { dir } => {
+            let path = dir.join("summary.json");
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let summary: Summary = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            std::fs::write(dir.join("index.html"), report::html::render(&summary))?;
+            let code = if summary.run.verdict == loadlab::summary::Verdict::Pass {
+                0
+            } else {
+                run::EXIT_THRESHOLDS_FAILED
+            };
+            finish(&summary, &dir, code)
         }
     }
+}
+
+fn finish(summary: &Summary, out: &std::path::Path, code: i32) -> anyhow::Result<ExitCode> {
+    print!("{}", console::render(summary));
+    println!(
+        "\n  report: {}  ·  {}",
+        out.join("index.html").display(),
+        out.join("summary.json").display()
+    );
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
