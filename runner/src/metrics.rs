@@ -279,6 +279,8 @@ pub struct Registry {
     pub vus: AtomicU64,
     /// VUs allocated so far (arrival-rate executors grow towards maxVUs).
     pub vus_max: AtomicU64,
+    /// Highest `vus` since the collector last read it.
+    pub vus_peak: AtomicU64,
 }
 
 fn lock(m: &Mutex<Buffer>) -> MutexGuard<'_, Buffer> {
@@ -297,7 +299,20 @@ impl Registry {
             endpoints: Mutex::new(Vec::new()),
             vus: AtomicU64::new(0),
             vus_max: AtomicU64::new(0),
+            vus_peak: AtomicU64::new(0),
         })
+    }
+
+    /// One more VU is active; tracks the peak for the interval.
+    pub fn busy(&self) {
+        let now = self.vus.fetch_add(1, Ordering::Relaxed) + 1;
+        self.vus_peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// The peak of active VUs since the last call (at least the current count).
+    pub fn take_vus_peak(&self) -> u64 {
+        let current = self.vus.load(Ordering::Relaxed);
+        self.vus_peak.swap(current, Ordering::Relaxed).max(current)
     }
 
     /// Interns an endpoint name.

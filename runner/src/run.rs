@@ -271,7 +271,7 @@ async fn collect(
             p50_ms: quantile_ms(&all, 0.50),
             p95_ms: quantile_ms(&all, 0.95),
             p99_ms: quantile_ms(&all, 0.99),
-            vus: metrics::gauge(&registry.vus),
+            vus: registry.take_vus_peak(),
             dropped: interval.dropped,
             sent_bytes_per_s: interval.data_sent as f64 / secs,
             received_bytes_per_s: interval.data_received as f64 / secs,

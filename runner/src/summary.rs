@@ -182,7 +182,7 @@ pub struct Point {
     pub p95_ms: f64,
     /// 99th percentile.
     pub p99_ms: f64,
-    /// Active VUs at the end of the interval.
+    /// Most VUs active at once during the interval.
     pub vus: u64,
     /// Iterations dropped in the interval (arrival-rate executors).
     pub dropped: u64,

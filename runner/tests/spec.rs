@@ -104,3 +104,18 @@ fn scenarios_need_their_targets_and_requests() {
     );
     assert!(e.starts_with("executor.rate"), "{e}");
 }
+
+#[test]
+fn the_example_manifests_parse() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("deploy/examples") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&path).expect("read");
+            LoadTestSpec::from_yaml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "examples found: {seen}");
+}

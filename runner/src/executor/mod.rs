@@ -289,7 +289,7 @@ async fn vu_loop<I: Iteration>(
     let set_active = |active: &mut bool, now_active: bool| {
         if *active != now_active {
             if now_active {
-                registry.vus.fetch_add(1, Ordering::Relaxed);
+                registry.busy();
             } else {
                 registry.vus.fetch_sub(1, Ordering::Relaxed);
             }
@@ -420,8 +420,12 @@ async fn arrivals<I: Iteration>(
             stopped = true;
             break;
         }
-        let lag = Instant::now().saturating_duration_since(at).as_micros() as u64;
+        // Latency counts from this moment: the iteration is due and released. Timer lateness
+        // (usually below a millisecond) is the generator's own and goes to the guard instead.
+        let released = Instant::now();
+        let lag = released.saturating_duration_since(at).as_micros() as u64;
         pacing.max_dispatch_lag_us.fetch_max(lag, Ordering::Relaxed);
+        let at = released;
         let mut d = lock(&dispatch);
         if let Some(tx) = d.idle.pop() {
             drop(d);
@@ -484,7 +488,7 @@ impl ArrivalVu {
                     () = self.done.wait() => return,
                 },
             };
-            registry.vus.fetch_add(1, Ordering::Relaxed);
+            registry.busy();
             let began = Instant::now();
             let queued = began.saturating_duration_since(intended);
             iteration.run(&mut vu, queued).await;
