@@ -588,6 +588,7 @@ fn summarize(
             ended_at: ended_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             duration_s: seconds,
             workers: spec.workers,
+            interrupted_iterations: execution.interrupted,
             generator,
             verdict,
             reason,

@@ -54,6 +54,9 @@ pub struct RunInfo {
     pub duration_s: f64,
     /// Load generator processes.
     pub workers: u32,
+    /// Iterations still running when `gracefulStop` ran out, and were cut off.
+    #[serde(default)]
+    pub interrupted_iterations: u64,
     /// Whether the load generator saturated, which makes the figures describe the generator.
     pub generator: GeneratorHealth,
     /// `pass` or `fail`.

@@ -330,3 +330,83 @@ async fn transport_errors_are_classified_by_kind() {
         "the 8 MiB body was checked (first MiB kept)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ramping_vus_follow_the_stages() {
+    let base = target().await;
+    let yaml = http_spec(
+        &base,
+        "      - {name: slow, url: BASE/delay/20}",
+        "  type: ramping-vus\n  startVUs: 0\n  stages: [{duration: 1s, target: 6}, {duration: 1s, target: 6}, {duration: 1s, target: 0}]",
+        "",
+    );
+    let s = run_yaml(&yaml).await.summary;
+    assert_eq!(value(&s, "vus_max", "value"), 6.0);
+    let peak = s.timeseries.points.iter().map(|p| p.vus).max().unwrap_or(0);
+    assert_eq!(peak, 6, "{:?}", s.timeseries.points);
+    // Ramp up and down average 3 VUs for 2 s, plus 6 VUs for 1 s: ~12 VU-seconds at ~20 ms.
+    let n = value(&s, "iterations", "count");
+    assert!((350.0..=650.0).contains(&n), "{n} iterations");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_cuts_off_iterations_that_run_too_long() {
+    let base = target().await;
+    let yaml = http_spec(
+        &base,
+        "      - {name: slow, url: BASE/delay/1500}",
+        "  type: constant-vus\n  vus: 3\n  duration: 500ms\n  gracefulStop: 200ms",
+        "",
+    )
+    .replace("timeout: 2s", "timeout: 10s");
+    let started = Instant::now();
+    let s = run_yaml(&yaml).await.summary;
+    assert!(
+        started.elapsed() < Duration::from_millis(1_400),
+        "stopped after gracefulStop, not after the request"
+    );
+    assert_eq!(s.run.interrupted_iterations, 3);
+    assert_eq!(value(&s, "iterations", "count"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_request_ends_the_run_early_and_says_so() {
+    let base = target().await;
+    let yaml = http_spec(
+        &base,
+        "      - {name: ok, url: BASE/ok}",
+        "  type: constant-arrival-rate\n  rate: 50\n  duration: 30s\n  preAllocatedVUs: 5",
+        "",
+    );
+    let spec = LoadTestSpec::from_yaml(&yaml).expect("spec");
+    let stop = Shutdown::new();
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            stop.trigger();
+        });
+    }
+    let opts = RunOptions {
+        out_dir: out_dir(),
+        progress: false,
+        server_processes: Vec::new(),
+        run_id: "stop".into(),
+        insecure_skip_verify: false,
+    };
+    let started = Instant::now();
+    let s = run::run(&spec, &opts, stop).await.expect("run").summary;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let n = value(&s, "iterations", "count");
+    assert!((50.0..=100.0).contains(&n), "{n}");
+    assert!(
+        s.run
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("stopped before the end"),
+        "{:?}",
+        s.run.reason
+    );
+    let _ = std::fs::remove_dir_all(&opts.out_dir);
+}

@@ -609,9 +609,15 @@ fn throughput_per_cpu_second_against_wrk() {
     let our_cpu = thread_cpu() - cpu_before;
     {
         let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
-        let rest = stat.rsplit_once(')').map(|(_, rest)| rest).expect("stat format");
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .expect("stat format");
         let f: Vec<&str> = rest.split_whitespace().collect();
-        println!("DEBUG thread utime {} stime {} ticks; schedstat {:?}", f[11], f[12], our_cpu);
+        println!(
+            "DEBUG thread utime {} stime {} ticks; schedstat {:?}",
+            f[11], f[12], our_cpu
+        );
     }
 
     let wrk_before = children_cpu();

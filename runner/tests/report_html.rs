@@ -135,6 +135,7 @@ fn realistic_summary() -> Summary {
             ended_at: "2025-06-01T12:01:00Z".into(),
             duration_s: 60.0,
             workers: 2,
+            interrupted_iterations: 0,
             generator: GeneratorHealth {
                 saturated: true,
                 max_cpu_cores: 3.96,

@@ -72,6 +72,7 @@ pub fn summary() -> Summary {
             ended_at: "2025-01-01T00:00:10Z".into(),
             duration_s: 10.0,
             workers: 1,
+            interrupted_iterations: 0,
             generator: GeneratorHealth {
                 saturated: false,
                 max_cpu_cores: 0.4,
