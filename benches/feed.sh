@@ -141,6 +141,32 @@ print(f"[{sys.argv[2]}] read at {sys.argv[3]} req/s: p50 {d['med']:.2f} ms, p95 
       f"achieved {reqs['rate']:.0f} req/s, failed {failed*100:.2f}%, dropped {dropped}")
 PY
 
+  log "[$name] home-timeline reads at a constant ${half} req/s (loadlab's own engine)"
+  cat > "$work/$name-read.yaml" <<YAML
+target: {feed: "$url"}
+scenario:
+  name: feed-read
+  params: {users: 1000, followsPerUser: 10, celebrities: 3, postsPerUser: 5, pageSize: 50}
+executor:
+  type: constant-arrival-rate
+  rate: $half
+  duration: $DURATION
+  preAllocatedVUs: 100
+  maxVUs: 1000
+thresholds:
+  http_req_duration: ["p(99)<25"]
+YAML
+  /usr/bin/time -f "%U %S %e" -o "$work/ll-time.txt" "$bin/loadlab" run --quiet -f "$work/$name-read.yaml" --out "$work/$name-ll" >/dev/null 2>&1 || true
+  python3 - "$work/$name-ll/summary.json" "$name" "$half" "$work/ll-time.txt" <<'PY2' | tee -a "$report"
+import json, sys
+s = json.load(open(sys.argv[1]))
+m = s["metrics"]; d = m["http_req_duration"]["values"]
+u, sy, wall = map(float, open(sys.argv[4]).read().split())
+print(f"[{sys.argv[2]}] read at {sys.argv[3]} req/s (loadlab): p50 {d['med']:.2f} ms, p95 {d['p(95)']:.2f} ms, p99 {d['p(99)']:.2f} ms (target <= 25), "
+      f"achieved {m['http_reqs']['values']['rate']:.0f} req/s, failed {m['http_req_failed']['values']['rate']*100:.2f}%, dropped {m['dropped_iterations']['values']['count']:.0f}; "
+      f"generator {'SATURATED' if s['run']['generator']['saturated'] else 'ok'}")
+PY2
+
   log "[$name] post creation, 100 followers per author (wrk ${DURATION})"
   local before; before=$(lag_snapshot "$url")
   local posts_before; posts_before=$(metric_sum "$url" loadlab_fanout_posts_total)

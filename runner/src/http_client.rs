@@ -934,7 +934,6 @@ impl IoStats {
     fn wrote(&self, n: usize) {
         if n > 0 {
             self.written.fetch_add(n as u64, Ordering::Relaxed);
-            self.last_write.store(self.now(), Ordering::Relaxed);
         }
     }
 }
@@ -943,7 +942,8 @@ impl IoStats {
 struct TimedIo<S> {
     inner: S,
     stats: Arc<IoStats>,
-    // TLS buffers plaintext until flushed, so the last byte is only on the wire after a flush.
+    // The last write is stamped when the flush after it completes: TLS buffers plaintext until
+    // then, and hyper flushes after every batch of writes, so one clock read covers the batch.
     unflushed: bool,
 }
 

@@ -22,6 +22,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+// The engine binary allocates with mimalloc; the throughput check below must measure the same.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// How long `/slow` takes before answering.
 const SLOW: Duration = Duration::from_millis(200);
 
@@ -552,15 +556,75 @@ fn children_cpu() -> Duration {
     Duration::from_secs_f64(ticks as f64 / hz as f64)
 }
 
+/// Runs `VUS` virtual users against `uri` for `run` on this thread; returns requests and CPU.
+fn loadlab_round(
+    runtime: &tokio::runtime::Runtime,
+    uri: &http::Uri,
+    run: Duration,
+) -> (f64, Duration) {
+    let cpu_before = thread_cpu();
+    let requests: usize = runtime.block_on(async {
+        let client = Client::new(ClientConfig::default());
+        let end = Instant::now() + run;
+        let vus: Vec<_> = (0..VUS)
+            .map(|_| {
+                let mut vu = client.connection();
+                let uri = uri.clone();
+                tokio::spawn(async move {
+                    let mut done = 0usize;
+                    while Instant::now() < end {
+                        let response = vu.send(Request::new(Method::GET, uri.clone())).await;
+                        assert_eq!(response.expect("request").status, 200);
+                        done += 1;
+                    }
+                    done
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for vu in vus {
+            total += vu.await.expect("VU");
+        }
+        total
+    });
+    (requests as f64, thread_cpu() - cpu_before)
+}
+
+/// Runs wrk with one thread and `VUS` connections for `run`; returns requests and CPU.
+fn wrk_round(url: &str, run: Duration) -> (f64, Duration) {
+    let cpu_before = children_cpu();
+    let output = std::process::Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{VUS}"),
+            &format!("-d{}s", run.as_secs()),
+            url,
+        ])
+        .output()
+        .expect("run wrk");
+    let cpu = children_cpu() - cpu_before;
+    let report = String::from_utf8_lossy(&output.stdout);
+    let requests = report
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("wrk's request count");
+    (requests, cpu)
+}
+
+/// Connections of both load generators in the throughput check.
+const VUS: usize = 64;
+
 /// Requests per CPU-second of this client against wrk's, on the same server in the same run; the
-/// engine's target is at least 0.7x wrk. Run with
-/// `cargo nextest run --release -p loadlab --test http_client --run-ignored only throughput`.
+/// engine's target is at least 0.7x wrk. Rounds alternate so drifting machine load hits both.
+/// Run with `cargo nextest run --release -p loadlab --test http_client --run-ignored only throughput`.
 #[test]
 #[ignore = "benchmark: needs wrk on PATH and a release build"]
 fn throughput_per_cpu_second_against_wrk() {
-    const VUS: usize = 64;
-    const RUN: Duration = Duration::from_secs(5);
-    // The server gets its own thread so only the client's CPU is measured below.
+    const ROUNDS: u32 = 4;
+    const RUN: Duration = Duration::from_secs(2);
+    // The server gets its own thread so only the client's CPU is measured.
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -576,70 +640,24 @@ fn throughput_per_cpu_second_against_wrk() {
     });
     let addr = addr_rx.recv().expect("server address");
     let url = format!("http://{addr}/hello");
+    let uri: http::Uri = url.parse().expect("uri");
 
     // One engine thread: a current-thread runtime runs the VUs and their connection drivers here.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("client runtime");
-    let uri: http::Uri = url.parse().expect("uri");
-    let cpu_before = thread_cpu();
-    let ours: usize = runtime.block_on(async move {
-        let client = Client::new(ClientConfig::default());
-        let end = Instant::now() + RUN;
-        let vus = (0..VUS).map(|_| {
-            let mut vu = client.connection();
-            let uri = uri.clone();
-            tokio::spawn(async move {
-                let mut done = 0usize;
-                while Instant::now() < end {
-                    let response = vu.send(Request::new(Method::GET, uri.clone())).await;
-                    assert_eq!(response.expect("request").status, 200);
-                    done += 1;
-                }
-                done
-            })
-        });
-        let mut total = 0;
-        for vu in vus.collect::<Vec<_>>() {
-            total += vu.await.expect("VU");
-        }
-        total
-    });
-    let our_cpu = thread_cpu() - cpu_before;
-    {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest)
-            .expect("stat format");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        println!(
-            "DEBUG thread utime {} stime {} ticks; schedstat {:?}",
-            f[11], f[12], our_cpu
-        );
+    let (mut ours, mut our_cpu, mut wrk, mut wrk_cpu) = (0.0, Duration::ZERO, 0.0, Duration::ZERO);
+    for _ in 0..ROUNDS {
+        let (requests, cpu) = loadlab_round(&runtime, &uri, RUN);
+        ours += requests;
+        our_cpu += cpu;
+        let (requests, cpu) = wrk_round(&url, RUN);
+        wrk += requests;
+        wrk_cpu += cpu;
     }
 
-    let wrk_before = children_cpu();
-    let output = std::process::Command::new("wrk")
-        .args([
-            "-t1",
-            &format!("-c{VUS}"),
-            &format!("-d{}s", RUN.as_secs()),
-            &url,
-        ])
-        .output()
-        .expect("run wrk");
-    let wrk_cpu = children_cpu() - wrk_before;
-    let report = String::from_utf8_lossy(&output.stdout);
-    let wrk: f64 = report
-        .lines()
-        .find(|l| l.contains("requests in"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("wrk's request count");
-
-    let our_rate = ours as f64 / our_cpu.as_secs_f64();
+    let our_rate = ours / our_cpu.as_secs_f64();
     let wrk_rate = wrk / wrk_cpu.as_secs_f64();
     let ratio = our_rate / wrk_rate;
     println!(
