@@ -5,6 +5,7 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &[
     "loadlab/feed/v1/feed.proto",
     "loadlab/timeline/v1/timeline.proto",
+    "loadlab/presence/v1/presence.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -19,6 +19,15 @@ pub mod timeline {
     }
 }
 
+/// `loadlab.presence.v1`: who is online, per user and per channel.
+pub mod presence {
+    /// Version 1 of the presence contract.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("loadlab.presence.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every loadlab proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/loadlab_descriptor.bin"));

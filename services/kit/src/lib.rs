@@ -12,6 +12,7 @@ pub mod db;
 pub mod engine;
 pub mod error;
 pub mod grpc;
+pub mod hub;
 pub mod ids;
 pub mod metrics;
 pub mod server;

@@ -496,3 +496,124 @@ async fn appends_trim_in_bulk_past_the_slack(engine: Engine) {
     );
 }
 contract!(appends_trim_in_bulk_past_the_slack);
+
+async fn pubsub_delivers_to_subscribed_topics_only(engine: Engine) {
+    let hub = loadlab_kit::hub::Hub::new(engine.pubsub.as_ref())
+        .await
+        .expect("hub");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Bytes)>();
+    let listener = |name: &'static str| {
+        let tx = tx.clone();
+        std::sync::Arc::new(move |b: &Bytes| {
+            let _ = tx.send((name.to_owned(), b.clone()));
+        }) as loadlab_kit::hub::Listener
+    };
+    let a = hub.listen("chat:a", listener("a1")).await.expect("listen");
+    let _a2 = hub.listen("chat:a", listener("a2")).await.expect("listen");
+    let _b = hub.listen("chat:b", listener("b")).await.expect("listen");
+    // Redis applies SUBSCRIBE asynchronously to PUBLISH from another connection: retry until heard.
+    let mut heard = Vec::new();
+    for _ in 0..50 {
+        engine
+            .pubsub
+            .publish("chat:a", Bytes::from_static(b"hello"))
+            .await
+            .expect("publish");
+        engine
+            .pubsub
+            .publish("chat:c", Bytes::from_static(b"nobody"))
+            .await
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while let Ok(m) = rx.try_recv() {
+            heard.push(m);
+        }
+        if heard.iter().any(|(n, _)| n == "a1") && heard.iter().any(|(n, _)| n == "a2") {
+            break;
+        }
+    }
+    assert!(
+        heard
+            .iter()
+            .all(|(n, b)| (n == "a1" || n == "a2") && b.as_ref() == b"hello"),
+        "{heard:?}"
+    );
+    assert!(heard.iter().any(|(n, _)| n == "a1") && heard.iter().any(|(n, _)| n == "a2"));
+    engine
+        .pubsub
+        .publish("chat:b", Bytes::from_static(b"to b"))
+        .await
+        .expect("publish");
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some((n, b)) = rx.recv().await
+                && n == "b"
+            {
+                return b;
+            }
+        }
+    })
+    .await
+    .expect("b hears its topic");
+    assert_eq!(got.as_ref(), b"to b");
+    // After the last listener of a topic leaves, nothing more arrives for it.
+    hub.unlisten("chat:a", a).await.expect("unlisten");
+    assert_eq!(hub.topics().len(), 2);
+}
+contract!(pubsub_delivers_to_subscribed_topics_only);
+
+async fn presence_counts_gateways_and_expires(engine: Engine) {
+    use loadlab_kit::engine::PresenceChange;
+    let p = &engine.presence;
+    let pc = |c: u64, u: u64| PresenceChange {
+        channel: Id(c),
+        user: Id(u),
+    };
+    let (alice0, alice7, bob7) = (pc(0, 1), pc(7, 1), pc(7, 2));
+    // Alice connects on gateway A in channel 7, then on gateway B too: online once.
+    let mut online = p
+        .touch("A", &[alice0, alice7, bob7], 10_000)
+        .await
+        .expect("touch");
+    online.sort();
+    assert_eq!(online, vec![alice0, alice7, bob7]);
+    assert_eq!(
+        p.touch("B", &[alice0, alice7], 10_000)
+            .await
+            .expect("touch"),
+        vec![]
+    );
+    assert_eq!(
+        p.touch("A", &[alice0, alice7, bob7], 20_000)
+            .await
+            .expect("refresh"),
+        vec![]
+    );
+    assert_eq!(
+        p.channel_online(Id(7)).await.expect("channel"),
+        vec![Id(1), Id(2)]
+    );
+    assert_eq!(
+        p.online(&[Id(1), Id(2), Id(3)]).await.expect("online"),
+        vec![true, false, false]
+    );
+    // Leaving gateway A: still online through B; Bob leaves entirely.
+    let mut gone = p
+        .remove("A", &[alice0, alice7, bob7])
+        .await
+        .expect("remove");
+    gone.sort();
+    assert_eq!(gone, vec![bob7]);
+    assert_eq!(p.channel_online(Id(7)).await.expect("channel"), vec![Id(1)]);
+    // Gateway B dies silently: its entries expire.
+    assert_eq!(p.expire(9_999, 100).await.expect("not yet"), vec![]);
+    let mut expired = p.expire(10_000, 100).await.expect("expire");
+    expired.sort();
+    assert_eq!(expired, vec![alice0, alice7]);
+    assert_eq!(p.online(&[Id(1)]).await.expect("online"), vec![false]);
+    assert_eq!(
+        p.channel_online(Id(7)).await.expect("channel"),
+        Vec::<Id>::new()
+    );
+}
+contract!(presence_counts_gateways_and_expires);

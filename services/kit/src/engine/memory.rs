@@ -10,17 +10,60 @@ use tokio::sync::Notify;
 
 use super::{
     Delivery, EngineError, FanoutConsumer, FanoutJob, FanoutQueue, FollowCache, Health, PostCache,
-    TimelineKey, TimelineStore,
+    PresenceChange, PresenceStore, PubSub, Subscription, SubscriptionControl, TimelineKey,
+    TimelineStore, TopicMessage,
 };
 use crate::ids::Id;
 
+/// Capacity of the in-process pub/sub broadcast: how far a subscriber may fall behind.
+const PUBSUB_CAPACITY: usize = 65_536;
+
 /// All in-process state. Locks are held only for map operations, never across an await.
-#[derive(Default)]
 pub struct MemoryEngine {
     timelines: Mutex<HashMap<TimelineKey, BTreeSet<Id>>>,
     celebrities: Mutex<HashMap<Id, (Vec<Id>, Instant)>>,
     posts: Mutex<HashMap<Id, (Bytes, Instant)>>,
     queue: Arc<Queue>,
+    bus: tokio::sync::broadcast::Sender<TopicMessage>,
+    presence: Mutex<PresenceState>,
+}
+
+impl Default for MemoryEngine {
+    fn default() -> Self {
+        MemoryEngine {
+            timelines: Mutex::default(),
+            celebrities: Mutex::default(),
+            posts: Mutex::default(),
+            queue: Arc::default(),
+            bus: tokio::sync::broadcast::channel(PUBSUB_CAPACITY).0,
+            presence: Mutex::default(),
+        }
+    }
+}
+
+#[derive(Default)]
+struct PresenceState {
+    /// (channel, user, gateway) → expiry (Unix ms).
+    entries: HashMap<(Id, Id, String), i64>,
+    /// (channel, user) → number of gateways with an entry.
+    counts: HashMap<(Id, Id), u32>,
+}
+
+impl PresenceState {
+    fn drop_entry(&mut self, key: &(Id, Id, String)) -> Option<PresenceChange> {
+        self.entries.remove(key)?;
+        let pair = (key.0, key.1);
+        let n = self.counts.entry(pair).or_default();
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.counts.remove(&pair);
+            return Some(PresenceChange {
+                channel: pair.0,
+                user: pair.1,
+            });
+        }
+        None
+    }
 }
 
 #[derive(Default)]
@@ -271,6 +314,131 @@ impl FanoutConsumer for MemoryConsumer {
             }
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl PubSub for MemoryEngine {
+    async fn publish(&self, topic: &str, payload: Bytes) -> Result<u64, EngineError> {
+        let message = TopicMessage {
+            topic: topic.to_owned(),
+            payload,
+        };
+        Ok(self.bus.send(message).map_or(0, |n| n as u64))
+    }
+
+    async fn subscriber(&self) -> Result<Subscription, EngineError> {
+        // Every subscriber sees the whole bus and keeps the topics it asked for.
+        let topics = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+        let (tx, rx) = tokio::sync::broadcast::channel(PUBSUB_CAPACITY);
+        let mut bus = self.bus.subscribe();
+        let wanted = Arc::clone(&topics);
+        tokio::spawn(async move {
+            loop {
+                match bus.recv().await {
+                    Ok(m) => {
+                        if lock(&wanted).contains(&m.topic) && tx.send(m).is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "in-process subscriber fell behind");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+                if tx.receiver_count() == 0 {
+                    return;
+                }
+            }
+        });
+        Ok(Subscription {
+            control: Arc::new(MemoryTopics(topics)),
+            messages: rx,
+        })
+    }
+}
+
+/// The topic set of an in-process subscriber.
+struct MemoryTopics(Arc<Mutex<std::collections::HashSet<String>>>);
+
+#[async_trait]
+impl SubscriptionControl for MemoryTopics {
+    async fn subscribe(&self, topic: &str) -> Result<(), EngineError> {
+        lock(&self.0).insert(topic.to_owned());
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, topic: &str) -> Result<(), EngineError> {
+        lock(&self.0).remove(topic);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl PresenceStore for MemoryEngine {
+    async fn touch(
+        &self,
+        gateway: &str,
+        entries: &[PresenceChange],
+        expires_at_ms: i64,
+    ) -> Result<Vec<PresenceChange>, EngineError> {
+        let mut p = lock(&self.presence);
+        let mut online = Vec::new();
+        for e in entries {
+            let key = (e.channel, e.user, gateway.to_owned());
+            if p.entries.insert(key, expires_at_ms).is_none() {
+                let n = p.counts.entry((e.channel, e.user)).or_default();
+                *n += 1;
+                if *n == 1 {
+                    online.push(*e);
+                }
+            }
+        }
+        Ok(online)
+    }
+
+    async fn remove(
+        &self,
+        gateway: &str,
+        entries: &[PresenceChange],
+    ) -> Result<Vec<PresenceChange>, EngineError> {
+        let mut p = lock(&self.presence);
+        Ok(entries
+            .iter()
+            .filter_map(|e| p.drop_entry(&(e.channel, e.user, gateway.to_owned())))
+            .collect())
+    }
+
+    async fn expire(&self, now_ms: i64, max: usize) -> Result<Vec<PresenceChange>, EngineError> {
+        let mut p = lock(&self.presence);
+        let expired: Vec<(Id, Id, String)> = p
+            .entries
+            .iter()
+            .filter(|(_, expiry)| **expiry <= now_ms)
+            .map(|(k, _)| k.clone())
+            .take(max)
+            .collect();
+        Ok(expired.iter().filter_map(|k| p.drop_entry(k)).collect())
+    }
+
+    async fn online(&self, users: &[Id]) -> Result<Vec<bool>, EngineError> {
+        let p = lock(&self.presence);
+        Ok(users
+            .iter()
+            .map(|u| p.counts.contains_key(&(Id(0), *u)))
+            .collect())
+    }
+
+    async fn channel_online(&self, channel: Id) -> Result<Vec<Id>, EngineError> {
+        let p = lock(&self.presence);
+        let mut users: Vec<Id> = p
+            .counts
+            .keys()
+            .filter(|(c, _)| *c == channel)
+            .map(|(_, u)| *u)
+            .collect();
+        users.sort_unstable();
+        Ok(users)
     }
 }
 

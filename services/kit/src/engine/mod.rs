@@ -156,6 +156,80 @@ pub trait FanoutConsumer: Send {
     async fn ack(&mut self, ids: &[String]) -> Result<(), EngineError>;
 }
 
+/// A message received on a subscribed topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicMessage {
+    /// The topic, without the engine's key prefix.
+    pub topic: String,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// Publish/subscribe on named topics: Redis pub/sub, or an in-process broadcast on the memory
+/// engine. Delivery is at-most-once (messages published while a subscriber is disconnected
+/// are not replayed) — durable state lives in the database.
+#[async_trait]
+pub trait PubSub: Send + Sync {
+    /// Publishes `payload` on `topic`; returns how many subscribers received it (Redis: how many
+    /// connections, not how many listeners behind them).
+    async fn publish(&self, topic: &str, payload: Bytes) -> Result<u64, EngineError>;
+    /// A new subscriber with its own connection (resubscribed automatically after reconnects).
+    async fn subscriber(&self) -> Result<Subscription, EngineError>;
+}
+
+/// Subscribing and unsubscribing topics of a [`Subscription`].
+#[async_trait]
+pub trait SubscriptionControl: Send + Sync {
+    /// Starts receiving `topic`.
+    async fn subscribe(&self, topic: &str) -> Result<(), EngineError>;
+    /// Stops receiving `topic`.
+    async fn unsubscribe(&self, topic: &str) -> Result<(), EngineError>;
+}
+
+/// A subscriber: control plus the stream of messages for its topics.
+pub struct Subscription {
+    /// Subscribe/unsubscribe.
+    pub control: Arc<dyn SubscriptionControl>,
+    /// Messages. A receiver that falls too far behind loses messages (reported as `Lagged`).
+    pub messages: tokio::sync::broadcast::Receiver<TopicMessage>,
+}
+
+/// A presence change of one user in one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PresenceChange {
+    /// Channel (0 is "connected at all").
+    pub channel: Id,
+    /// User.
+    pub user: Id,
+}
+
+/// Presence with TTLs: entries `(channel, user, gateway)` live until their expiry; a user is
+/// online in a channel while at least one gateway has an unexpired entry for them. Channel 0
+/// stands for "connected at all".
+#[async_trait]
+pub trait PresenceStore: Send + Sync {
+    /// Creates or refreshes `gateway`'s entries until `expires_at_ms`; returns the pairs that
+    /// came online.
+    async fn touch(
+        &self,
+        gateway: &str,
+        entries: &[PresenceChange],
+        expires_at_ms: i64,
+    ) -> Result<Vec<PresenceChange>, EngineError>;
+    /// Removes `gateway`'s entries; returns the pairs that went offline.
+    async fn remove(
+        &self,
+        gateway: &str,
+        entries: &[PresenceChange],
+    ) -> Result<Vec<PresenceChange>, EngineError>;
+    /// Removes up to `max` entries that expired at `now_ms`; returns the pairs that went offline.
+    async fn expire(&self, now_ms: i64, max: usize) -> Result<Vec<PresenceChange>, EngineError>;
+    /// Whether each user is online (connected to any gateway).
+    async fn online(&self, users: &[Id]) -> Result<Vec<bool>, EngineError>;
+    /// Members of `channel` online now.
+    async fn channel_online(&self, channel: Id) -> Result<Vec<Id>, EngineError>;
+}
+
 /// Liveness of the engine's backing store.
 #[async_trait]
 pub trait Health: Send + Sync {
@@ -176,6 +250,10 @@ pub struct Engine {
     pub posts: Arc<dyn PostCache>,
     /// Fan-out queue.
     pub fanout: Arc<dyn FanoutQueue>,
+    /// Publish/subscribe.
+    pub pubsub: Arc<dyn PubSub>,
+    /// Presence with TTLs.
+    pub presence: Arc<dyn PresenceStore>,
     health: Arc<dyn Health>,
 }
 
@@ -197,6 +275,8 @@ impl Engine {
             follow_cache: m.clone(),
             posts: m.clone(),
             fanout: m.clone(),
+            pubsub: m.clone(),
+            presence: m.clone(),
             health: m,
         }
     }
@@ -211,6 +291,8 @@ impl Engine {
             follow_cache: r.clone(),
             posts: r.clone(),
             fanout: r.clone(),
+            pubsub: r.clone(),
+            presence: r.clone(),
             health: r,
         })
     }

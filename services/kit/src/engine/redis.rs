@@ -7,10 +7,14 @@
 //! | `P celebs:<user>` | set | celebrities `user` follows (member `""` marks it cached), with a TTL |
 //! | `P post:<id>` | string | protobuf-encoded post, with a TTL |
 //! | `P fanout` | stream | fan-out jobs (`post`, `author`), consumer group `fanout` |
+//! | `P pres:all` | sorted set | presence entries `channel\|user\|gateway` scored by expiry (Unix ms) |
+//! | `P pres:cnt:<channel>` | hash | user → gateways with an unexpired entry (online while > 0; channel 0 = connected) |
+//! | `P <topic>` | pub/sub channel | topics published through [`PubSub`] |
 //!
 //! Scores are milliseconds, not ids: a 63-bit snowflake does not fit an f64 exactly. Members are
 //! fixed-width hex so that Redis' lexicographic tie-break equals numeric order.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,7 +25,8 @@ use fred::types::{Expiration, Value};
 
 use super::{
     Delivery, EngineError, FanoutConsumer, FanoutJob, FanoutQueue, FollowCache, Health, PostCache,
-    TimelineKey, TimelineStore,
+    PresenceChange, PresenceStore, PubSub, Subscription, SubscriptionControl, TimelineKey,
+    TimelineStore, TopicMessage,
 };
 use crate::ids::Id;
 
@@ -101,6 +106,63 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 return 1
 "#;
 
+/// Adds presence entries. KEYS: the entries index; ARGV: prefix, expiry, gateway, then
+/// channel/user pairs. Returns the pairs that came online (flattened).
+const PRESENCE_TOUCH_LUA: &str = r#"
+local out = {}
+local prefix, expiry, gateway = ARGV[1], ARGV[2], ARGV[3]
+for i = 4, #ARGV, 2 do
+  local c, u = ARGV[i], ARGV[i + 1]
+  if redis.call('ZADD', KEYS[1], expiry, c .. '|' .. u .. '|' .. gateway) == 1 then
+    if redis.call('HINCRBY', prefix .. 'pres:cnt:' .. c, u, 1) == 1 then
+      out[#out + 1] = c
+      out[#out + 1] = u
+    end
+  end
+end
+return out
+"#;
+
+/// Removes presence entries. KEYS: the entries index; ARGV: prefix, gateway, then pairs.
+/// Returns the pairs that went offline.
+const PRESENCE_REMOVE_LUA: &str = r#"
+local out = {}
+local prefix, gateway = ARGV[1], ARGV[2]
+for i = 3, #ARGV, 2 do
+  local c, u = ARGV[i], ARGV[i + 1]
+  if redis.call('ZREM', KEYS[1], c .. '|' .. u .. '|' .. gateway) == 1 then
+    local key = prefix .. 'pres:cnt:' .. c
+    if redis.call('HINCRBY', key, u, -1) <= 0 then
+      redis.call('HDEL', key, u)
+      out[#out + 1] = c
+      out[#out + 1] = u
+    end
+  end
+end
+return out
+"#;
+
+/// Removes expired presence entries. KEYS: the entries index; ARGV: prefix, now, max.
+/// Returns the pairs that went offline.
+const PRESENCE_EXPIRE_LUA: &str = r#"
+local out = {}
+local prefix = ARGV[1]
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, member in ipairs(expired) do
+  redis.call('ZREM', KEYS[1], member)
+  local c, u = string.match(member, '^(%d+)|(%d+)|')
+  if c then
+    local key = prefix .. 'pres:cnt:' .. c
+    if redis.call('HINCRBY', key, u, -1) <= 0 then
+      redis.call('HDEL', key, u)
+      out[#out + 1] = c
+      out[#out + 1] = u
+    end
+  end
+end
+return out
+"#;
+
 /// The Redis-backed engine.
 pub struct RedisEngine {
     builder: Builder,
@@ -110,6 +172,9 @@ pub struct RedisEngine {
     range: Script,
     fill: Script,
     store_set: Script,
+    presence_touch: Script,
+    presence_remove: Script,
+    presence_expire: Script,
 }
 
 fn builder(url: &str) -> Result<Builder, EngineError> {
@@ -149,6 +214,9 @@ impl RedisEngine {
             range: Script::from_lua(RANGE_LUA),
             fill: Script::from_lua(FILL_LUA),
             store_set: Script::from_lua(STORE_SET_LUA),
+            presence_touch: Script::from_lua(PRESENCE_TOUCH_LUA),
+            presence_remove: Script::from_lua(PRESENCE_REMOVE_LUA),
+            presence_expire: Script::from_lua(PRESENCE_EXPIRE_LUA),
         })
     }
 
@@ -589,6 +657,212 @@ impl FanoutConsumer for RedisConsumer {
         let _: i64 = self.client.xack(&self.stream, GROUP, ids.to_vec()).await?;
         let _: i64 = self.client.xdel(&self.stream, ids.to_vec()).await?;
         Ok(())
+    }
+}
+
+/// How far a subscriber may fall behind before it loses messages.
+const PUBSUB_CAPACITY: usize = 65_536;
+
+#[async_trait]
+impl PubSub for RedisEngine {
+    async fn publish(&self, topic: &str, payload: Bytes) -> Result<u64, EngineError> {
+        let n: i64 = self
+            .pool
+            .next()
+            .publish(format!("{}{topic}", self.prefix), payload)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn subscriber(&self) -> Result<Subscription, EngineError> {
+        let mut builder = self.builder.clone();
+        builder.with_performance_config(|p| p.broadcast_channel_capacity = PUBSUB_CAPACITY);
+        let client = builder.build_subscriber_client()?;
+        drop(client.connect());
+        // Re-subscribes every tracked channel after a reconnect (e.g. a Redis restart).
+        drop(client.manage_subscriptions());
+        let mut incoming = client.message_rx();
+        let (tx, rx) = tokio::sync::broadcast::channel(PUBSUB_CAPACITY);
+        let prefix = self.prefix.clone();
+        tokio::spawn(async move {
+            loop {
+                match incoming.recv().await {
+                    Ok(m) => {
+                        let channel = m.channel.to_string();
+                        let topic = channel.strip_prefix(&prefix).unwrap_or(&channel).to_owned();
+                        let payload = m.value.into_bytes().unwrap_or_default();
+                        if tx.send(TopicMessage { topic, payload }).is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "redis subscriber fell behind");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Subscription {
+            control: Arc::new(RedisTopics {
+                client,
+                prefix: self.prefix.clone(),
+            }),
+            messages: rx,
+        })
+    }
+}
+
+/// Topics of one Redis subscriber connection.
+struct RedisTopics {
+    client: fred::clients::SubscriberClient,
+    prefix: String,
+}
+
+impl Drop for RedisTopics {
+    fn drop(&mut self) {
+        let client = self.client.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = client.quit().await;
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl SubscriptionControl for RedisTopics {
+    async fn subscribe(&self, topic: &str) -> Result<(), EngineError> {
+        self.client
+            .subscribe(format!("{}{topic}", self.prefix))
+            .await?;
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, topic: &str) -> Result<(), EngineError> {
+        self.client
+            .unsubscribe(format!("{}{topic}", self.prefix))
+            .await?;
+        Ok(())
+    }
+}
+
+fn presence_args(entries: &[PresenceChange]) -> impl Iterator<Item = String> + '_ {
+    entries
+        .iter()
+        .flat_map(|e| [e.channel.0.to_string(), e.user.0.to_string()])
+}
+
+fn presence_pairs(key: &str, value: Value) -> Result<Vec<PresenceChange>, EngineError> {
+    let flat = value.into_array();
+    let mut out = Vec::with_capacity(flat.len() / 2);
+    for pair in flat.chunks(2) {
+        let parse = |v: &Value| {
+            v.as_str()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| EngineError::Corrupt {
+                    key: key.to_owned(),
+                    detail: format!("presence id {v:?}"),
+                })
+        };
+        if let [c, u] = pair {
+            out.push(PresenceChange {
+                channel: Id(parse(c)?),
+                user: Id(parse(u)?),
+            });
+        }
+    }
+    Ok(out)
+}
+
+impl RedisEngine {
+    fn presence_key(&self) -> String {
+        format!("{}pres:all", self.prefix)
+    }
+}
+
+#[async_trait]
+impl PresenceStore for RedisEngine {
+    async fn touch(
+        &self,
+        gateway: &str,
+        entries: &[PresenceChange],
+        expires_at_ms: i64,
+    ) -> Result<Vec<PresenceChange>, EngineError> {
+        let mut out = Vec::new();
+        // Chunked: one script call holds Redis for its whole length.
+        for chunk in entries.chunks(500) {
+            let mut args = vec![
+                self.prefix.clone(),
+                expires_at_ms.to_string(),
+                gateway.to_owned(),
+            ];
+            args.extend(presence_args(chunk));
+            let v: Value = self
+                .presence_touch
+                .evalsha_with_reload(self.pool.next(), vec![self.presence_key()], args)
+                .await?;
+            out.extend(presence_pairs(&self.presence_key(), v)?);
+        }
+        Ok(out)
+    }
+
+    async fn remove(
+        &self,
+        gateway: &str,
+        entries: &[PresenceChange],
+    ) -> Result<Vec<PresenceChange>, EngineError> {
+        let mut out = Vec::new();
+        for chunk in entries.chunks(500) {
+            let mut args = vec![self.prefix.clone(), gateway.to_owned()];
+            args.extend(presence_args(chunk));
+            let v: Value = self
+                .presence_remove
+                .evalsha_with_reload(self.pool.next(), vec![self.presence_key()], args)
+                .await?;
+            out.extend(presence_pairs(&self.presence_key(), v)?);
+        }
+        Ok(out)
+    }
+
+    async fn expire(&self, now_ms: i64, max: usize) -> Result<Vec<PresenceChange>, EngineError> {
+        let args = vec![
+            self.prefix.clone(),
+            now_ms.to_string(),
+            max.max(1).to_string(),
+        ];
+        let v: Value = self
+            .presence_expire
+            .evalsha_with_reload(self.pool.next(), vec![self.presence_key()], args)
+            .await?;
+        presence_pairs(&self.presence_key(), v)
+    }
+
+    async fn online(&self, users: &[Id]) -> Result<Vec<bool>, EngineError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let fields: Vec<String> = users.iter().map(|u| u.0.to_string()).collect();
+        let counts: Vec<Option<i64>> = self
+            .pool
+            .next()
+            .hmget(format!("{}pres:cnt:0", self.prefix), fields)
+            .await?;
+        Ok(counts.into_iter().map(|c| c.unwrap_or(0) > 0).collect())
+    }
+
+    async fn channel_online(&self, channel: Id) -> Result<Vec<Id>, EngineError> {
+        let fields: Vec<String> = self
+            .pool
+            .next()
+            .hkeys(format!("{}pres:cnt:{}", self.prefix, channel))
+            .await?;
+        let mut users: Vec<Id> = fields
+            .iter()
+            .filter_map(|f| f.parse::<u64>().ok())
+            .map(Id)
+            .collect();
+        users.sort_unstable();
+        Ok(users)
     }
 }
 
