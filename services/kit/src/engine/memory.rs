@@ -327,6 +327,16 @@ impl PubSub for MemoryEngine {
         Ok(self.bus.send(message).map_or(0, |n| n as u64))
     }
 
+    async fn publish_many(&self, messages: &[(String, Bytes)]) -> Result<(), EngineError> {
+        for (topic, payload) in messages {
+            let _ = self.bus.send(TopicMessage {
+                topic: topic.clone(),
+                payload: payload.clone(),
+            });
+        }
+        Ok(())
+    }
+
     async fn subscriber(&self) -> Result<Subscription, EngineError> {
         // Every subscriber sees the whole bus and keeps the topics it asked for.
         let topics = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));

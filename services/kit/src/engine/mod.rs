@@ -173,6 +173,9 @@ pub trait PubSub: Send + Sync {
     /// Publishes `payload` on `topic`; returns how many subscribers received it (Redis: how many
     /// connections, not how many listeners behind them).
     async fn publish(&self, topic: &str, payload: Bytes) -> Result<u64, EngineError>;
+    /// Publishes several messages in one round trip, in order: subscribers see them in the
+    /// order given.
+    async fn publish_many(&self, messages: &[(String, Bytes)]) -> Result<(), EngineError>;
     /// A new subscriber with its own connection (resubscribed automatically after reconnects).
     async fn subscriber(&self) -> Result<Subscription, EngineError>;
 }

@@ -674,6 +674,20 @@ impl PubSub for RedisEngine {
         Ok(n.max(0) as u64)
     }
 
+    async fn publish_many(&self, messages: &[(String, Bytes)]) -> Result<(), EngineError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        // One pipeline on one connection keeps the order.
+        let pipeline = self.pool.next().pipeline();
+        for (topic, payload) in messages {
+            let _: () = pipeline.publish(format!("{}{topic}", self.prefix), payload.clone()).await?;
+        }
+        let results: Vec<Value> = pipeline.all().await?;
+        drop(results);
+        Ok(())
+    }
+
     async fn subscriber(&self) -> Result<Subscription, EngineError> {
         let mut builder = self.builder.clone();
         builder.with_performance_config(|p| p.broadcast_channel_capacity = PUBSUB_CAPACITY);
