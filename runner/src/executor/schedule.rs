@@ -137,6 +137,9 @@ impl Ramp {
 pub struct ArrivalSchedule {
     /// Rate per second over time.
     ramp: Ramp,
+    /// Iterations in the whole schedule, computed once so that `start_of` and `total` agree
+    /// even where floating-point rounding puts the last inverse a hair before the end.
+    total: u64,
 }
 
 impl ArrivalSchedule {
@@ -148,23 +151,27 @@ impl ArrivalSchedule {
             .iter()
             .map(|(t, v)| (*t, v * per_second))
             .collect();
-        ArrivalSchedule {
-            ramp: Ramp { points },
-        }
+        let ramp = Ramp { points };
+        let area = ramp.integral(ramp.end());
+        // Iteration k starts when the integral reaches k (k = 0 at t = 0), strictly before the
+        // end; an area a rounding error above a whole number does not add an iteration.
+        let whole = (area - 1e-9).ceil();
+        let total = if whole <= 0.0 { 0 } else { whole as u64 };
+        ArrivalSchedule { ramp, total }
     }
 
     /// Seconds after the start at which iteration `k` starts, or `None` past the end.
     pub fn start_of(&self, k: u64) -> Option<f64> {
+        if k >= self.total {
+            return None;
+        }
         let t = self.ramp.inverse_integral(k as f64)?;
-        (t < self.ramp.end()).then_some(t)
+        Some(t.min(self.ramp.end()))
     }
 
     /// Iterations the schedule starts in total.
     pub fn total(&self) -> u64 {
-        let total = self.ramp.integral(self.ramp.end());
-        // Iteration k starts when the integral reaches k (k = 0 at t = 0), strictly before the end.
-        let whole = total.ceil();
-        if whole <= 0.0 { 0 } else { whole as u64 }
+        self.total
     }
 
     /// Length in seconds.
