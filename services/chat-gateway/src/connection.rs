@@ -94,7 +94,9 @@ pub async fn serve(socket: WebSocket, user: Id, gateway: Arc<Gateway>) {
         gateway.leave_room(*channel, conn, user).await;
     }
     gateway.presence.disconnected(user);
-    if !outbox.killed().is_cancelled() {
+    // When the gateway drains, the writer owns the goodbye: it flushes the pending acks and
+    // closes with 1001; a normal close here would race it.
+    if !outbox.killed().is_cancelled() && !gateway.shutdown.is_triggered() {
         outbox.close(close::NORMAL);
     }
     let _ = writer.await;

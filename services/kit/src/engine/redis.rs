@@ -681,7 +681,9 @@ impl PubSub for RedisEngine {
         // One pipeline on one connection keeps the order.
         let pipeline = self.pool.next().pipeline();
         for (topic, payload) in messages {
-            let _: () = pipeline.publish(format!("{}{topic}", self.prefix), payload.clone()).await?;
+            let _: () = pipeline
+                .publish(format!("{}{topic}", self.prefix), payload.clone())
+                .await?;
         }
         let results: Vec<Value> = pipeline.all().await?;
         drop(results);
