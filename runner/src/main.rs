@@ -40,8 +40,9 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
-    /// Run the system under test in this process: feed and timeline on consecutive ports from
-    /// --base-port (memory engine and SQLite by default). Ctrl-C stops it gracefully.
+    /// Run the system under test in this process: feed, timeline, chat-gateway and presence on
+    /// consecutive ports from --base-port (memory engine and SQLite by default). Ctrl-C stops it
+    /// gracefully.
     Up(StackArgs),
     /// Run a load test from this machine (`-f loadtest.yaml` or flags). Exit code 99 when a
     /// threshold fails.
@@ -78,8 +79,10 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                     stack.jwt_secret
                 );
             }
-            println!("feed      {}", stack.feed_url);
-            println!("timeline  {} (gRPC)", stack.timeline_url);
+            println!("feed          {}", stack.feed_url);
+            println!("timeline      {} (gRPC)", stack.timeline_url);
+            println!("chat-gateway  {} (WebSocket: /v1/chat/ws)", stack.chat_url);
+            println!("presence      {} (gRPC)", stack.presence_url);
             stack.wait().await?;
             Ok(ExitCode::SUCCESS)
         }

@@ -150,6 +150,18 @@ pub struct Buffer {
     pub data_received: u64,
     /// Transport errors by kind (`timeout`, `connect_refused`, …).
     pub errors: BTreeMap<&'static str, u64>,
+    /// WebSocket sessions started.
+    pub ws_sessions: u64,
+    /// WebSocket sessions that failed (connect, join or mid-session).
+    pub ws_session_failures: u64,
+    /// WebSocket handshake durations.
+    pub ws_connecting: Histogram<u64>,
+    /// Chat messages sent.
+    pub ws_msgs_sent: u64,
+    /// Chat messages received.
+    pub ws_msgs_received: u64,
+    /// Sender's send → receiver's frame, for messages of other clients.
+    pub ws_delivery_latency: Histogram<u64>,
 }
 
 /// The phase names, in [`Buffer::phases`] order.
@@ -175,6 +187,12 @@ impl Default for Buffer {
             data_sent: 0,
             data_received: 0,
             errors: BTreeMap::new(),
+            ws_sessions: 0,
+            ws_session_failures: 0,
+            ws_connecting: new_histogram(),
+            ws_msgs_sent: 0,
+            ws_msgs_received: 0,
+            ws_delivery_latency: new_histogram(),
         }
     }
 }
@@ -201,6 +219,12 @@ impl Buffer {
         for (kind, n) in &other.errors {
             *self.errors.entry(kind).or_default() += n;
         }
+        self.ws_sessions += other.ws_sessions;
+        self.ws_session_failures += other.ws_session_failures;
+        let _ = self.ws_connecting.add(&other.ws_connecting);
+        self.ws_msgs_sent += other.ws_msgs_sent;
+        self.ws_msgs_received += other.ws_msgs_received;
+        let _ = self.ws_delivery_latency.add(&other.ws_delivery_latency);
     }
 
     /// Empties the buffer, keeping its allocations.
@@ -222,6 +246,12 @@ impl Buffer {
         self.data_sent = 0;
         self.data_received = 0;
         self.errors.clear();
+        self.ws_sessions = 0;
+        self.ws_session_failures = 0;
+        self.ws_connecting.reset();
+        self.ws_msgs_sent = 0;
+        self.ws_msgs_received = 0;
+        self.ws_delivery_latency.reset();
     }
 
     /// Total requests.
@@ -389,6 +419,37 @@ impl Recorder {
             b.checks_passed += 1;
         } else {
             b.checks_failed += 1;
+        }
+    }
+
+    /// Records a WebSocket session start (`connecting` = handshake time) or a failure.
+    pub fn ws_session(&self, connecting: Option<Duration>) {
+        let mut b = self.buffer();
+        b.ws_sessions += 1;
+        match connecting {
+            Some(d) => {
+                let _ = b.ws_connecting.record(micros(d));
+            }
+            None => b.ws_session_failures += 1,
+        }
+    }
+
+    /// Records a session that broke after it started.
+    pub fn ws_failure(&self) {
+        self.buffer().ws_session_failures += 1;
+    }
+
+    /// Records a chat message sent.
+    pub fn ws_sent(&self) {
+        self.buffer().ws_msgs_sent += 1;
+    }
+
+    /// Records a chat message received; `latency` when it came from another client.
+    pub fn ws_received(&self, latency: Option<Duration>) {
+        let mut b = self.buffer();
+        b.ws_msgs_received += 1;
+        if let Some(d) = latency {
+            let _ = b.ws_delivery_latency.record(micros(d));
         }
     }
 

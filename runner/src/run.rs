@@ -14,7 +14,7 @@ use crate::executor::{self, Iteration, Pacing};
 use crate::http_client::{Client, ClientConfig};
 use crate::metrics::{self, Buffer, PHASES, Registry, mean_ms, quantile_ms};
 use crate::procstat::{self, ProcSample};
-use crate::scenario::{feed, http as http_scenario};
+use crate::scenario::{chat, feed, http as http_scenario};
 use crate::spec::{LoadTestSpec, ScenarioName};
 use crate::summary::{
     EndpointStats, GeneratorHealth, Metric, MetricType, Point, RunInfo, ServerStats, ServicePoint,
@@ -147,9 +147,30 @@ pub async fn run(
             let workload = http_scenario::HttpWorkload::new(http, client, &registry)?;
             drive(spec, opts, workload, registry, progress, started_at, stop).await
         }
-        ScenarioName::Chat => Err(RunError::Unsupported(
-            "the chat scenario needs the chat services, which are not built yet".into(),
-        )),
+        ScenarioName::Chat => {
+            let feed_base = spec.target.get("feed").cloned().unwrap_or_default();
+            let chat_base = spec.target.get("chat").cloned().unwrap_or_default();
+            let tag: String = opts
+                .run_id
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .take(10)
+                .collect();
+            let data = chat::setup(
+                &feed_base,
+                &chat_base,
+                &spec.scenario.params,
+                &client,
+                &tag,
+                &tell,
+            )
+            .await?;
+            // The schedule starts right after set-up; sessions end with it at the latest.
+            let run_end = tokio::time::Instant::now() + spec.executor.duration();
+            let workload =
+                chat::ChatWorkload::new(&chat_base, &spec.scenario.params, Arc::new(data), run_end);
+            drive(spec, opts, workload, registry, progress, started_at, stop).await
+        }
     }
 }
 
@@ -431,6 +452,26 @@ fn summarize(
         "data_received".into(),
         counter(totals.data_received, "data"),
     );
+    if totals.ws_sessions > 0 {
+        metrics.insert("ws_sessions".into(), counter(totals.ws_sessions, "default"));
+        metrics.insert(
+            "ws_session_failures".into(),
+            counter(totals.ws_session_failures, "default"),
+        );
+        metrics.insert("ws_connecting".into(), trend(&totals.ws_connecting));
+        metrics.insert(
+            "ws_msgs_sent".into(),
+            counter(totals.ws_msgs_sent, "default"),
+        );
+        metrics.insert(
+            "ws_msgs_received".into(),
+            counter(totals.ws_msgs_received, "default"),
+        );
+        metrics.insert(
+            "ws_delivery_latency".into(),
+            trend(&totals.ws_delivery_latency),
+        );
+    }
     let vus_max = metrics::gauge(&registry.vus_max) as f64;
     let peak_vus = collected.points.iter().map(|p| p.vus).max().unwrap_or(0) as f64;
     metrics.insert(
@@ -774,6 +815,8 @@ fn from_metric(
                     }
                 }
                 "iteration_duration" => totals.iteration_duration.clone(),
+                "ws_delivery_latency" => totals.ws_delivery_latency.clone(),
+                "ws_connecting" => totals.ws_connecting.clone(),
                 other => PHASES
                     .iter()
                     .position(|p| *p == other)

@@ -1,6 +1,5 @@
-//! The embedded stack: feed and timeline (chat-gateway and presence join them with the chat
-//! system) in one process, on consecutive ports from a base port, sharing one engine — which is
-//! what makes the memory engine usable.
+//! The embedded stack: feed, timeline, chat-gateway and presence in one process, on consecutive
+//! ports from a base port, sharing one engine — which is what makes the memory engine usable.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -21,7 +20,7 @@ pub struct StackArgs {
     #[arg(long, env = "LOADLAB_BIND", default_value = "127.0.0.1")]
     pub bind: IpAddr,
 
-    /// First port: feed, then timeline (then chat-gateway and presence) on consecutive ports.
+    /// First port: feed, timeline, chat-gateway and presence on consecutive ports.
     #[arg(long, env = "LOADLAB_BASE_PORT", default_value_t = 8080)]
     pub base_port: u16,
 
@@ -99,12 +98,28 @@ struct TimelineCli {
     config: TimelineConfig,
 }
 
+#[derive(Parser)]
+struct ChatCli {
+    #[command(flatten)]
+    config: loadlab_chat_gateway::ChatConfig,
+}
+
+#[derive(Parser)]
+struct PresenceCli {
+    #[command(flatten)]
+    config: loadlab_presence::PresenceConfig,
+}
+
 /// A running embedded stack.
 pub struct Stack {
     /// `http://host:port` of feed.
     pub feed_url: String,
     /// `http://host:port` of timeline.
     pub timeline_url: String,
+    /// `http://host:port` of the chat gateway.
+    pub chat_url: String,
+    /// `http://host:port` of presence.
+    pub presence_url: String,
     /// The JWT secret the services verify (to mint tokens for load).
     pub jwt_secret: String,
     /// Stops every service.
@@ -120,68 +135,75 @@ impl Stack {
             rand::rng().fill_bytes(&mut bytes);
             bytes.iter().map(|b| format!("{b:02x}")).collect()
         });
-        // Base port 0 gives every service an ephemeral port (tests).
-        let addr = |offset: u16| {
+        // feed, timeline, chat-gateway, presence on consecutive ports; base port 0 gives every
+        // service an ephemeral port (tests, `loadlab demo`).
+        let mut listeners = Vec::with_capacity(4);
+        for offset in 0..4u16 {
             let port = if args.base_port == 0 {
                 0
             } else {
                 args.base_port.saturating_add(offset)
             };
-            SocketAddr::new(args.bind, port)
-        };
-        let (feed_addr, timeline_addr) = (addr(0), addr(1));
-        let feed_listener = bind(feed_addr).await?;
-        let timeline_listener = bind(timeline_addr).await?;
-        // Report the ports actually bound (base port 0 picks free ones).
-        let feed_addr = feed_listener
-            .local_addr()
-            .map_err(|source| StackError::Bind {
-                addr: feed_addr,
+            listeners.push(bind(SocketAddr::new(args.bind, port)).await?);
+        }
+        let mut urls = Vec::with_capacity(4);
+        for l in &listeners {
+            let addr = l.local_addr().map_err(|source| StackError::Bind {
+                addr: SocketAddr::new(args.bind, args.base_port),
                 source,
             })?;
-        let timeline_addr = timeline_listener
-            .local_addr()
-            .map_err(|source| StackError::Bind {
-                addr: timeline_addr,
-                source,
-            })?;
-        let feed_url = format!("http://{feed_addr}");
-        let timeline_url = format!("http://{timeline_addr}");
+            urls.push(format!("http://{addr}"));
+        }
+        let [feed_url, timeline_url, chat_url, presence_url] =
+            [0, 1, 2, 3].map(|i| urls[i].clone());
 
         let engine = match args.engine {
             EngineKind::Memory => "memory",
             EngineKind::Redis => "redis",
         };
-        let common = vec![
-            "--engine".to_owned(),
-            engine.to_owned(),
-            "--redis-url".to_owned(),
-            args.redis_url.clone(),
-            "--redis-prefix".to_owned(),
-            args.redis_prefix.clone(),
-            "--database-url".to_owned(),
-            args.database_url.clone(),
-            "--database-schema".to_owned(),
-            args.database_schema.clone(),
-            "--jwt-secret".to_owned(),
-            jwt_secret.clone(),
-        ];
-        let mut feed_args = vec!["loadlab-feed".to_owned()];
-        feed_args.extend(common.iter().cloned());
-        feed_args.extend([
-            "--listen".to_owned(),
-            feed_addr.to_string(),
-            "--timeline-url".to_owned(),
-            timeline_url.clone(),
-        ]);
-        let mut timeline_args = vec!["loadlab-timeline".to_owned()];
-        timeline_args.extend(common.iter().cloned());
-        timeline_args.extend([
-            "--listen".to_owned(),
-            timeline_addr.to_string(),
-            "--feed-url".to_owned(),
-            feed_url.clone(),
-        ]);
+        let common = [
+            "--engine",
+            engine,
+            "--redis-url",
+            &args.redis_url,
+            "--redis-prefix",
+            &args.redis_prefix,
+            "--database-url",
+            &args.database_url,
+            "--database-schema",
+            &args.database_schema,
+            "--jwt-secret",
+            &jwt_secret,
+        ]
+        .map(str::to_owned);
+        let service_args = |name: &str, listen: &str, peers: &[(&str, &str)]| {
+            let mut a = vec![name.to_owned()];
+            a.extend(common.iter().cloned());
+            a.extend([
+                "--listen".to_owned(),
+                listen.trim_start_matches("http://").to_owned(),
+            ]);
+            for (flag, url) in peers {
+                a.extend([(*flag).to_owned(), (*url).to_owned()]);
+            }
+            a
+        };
+        let mut feed_args = service_args(
+            "loadlab-feed",
+            &feed_url,
+            &[("--timeline-url", &timeline_url)],
+        );
+        let mut timeline_args = service_args(
+            "loadlab-timeline",
+            &timeline_url,
+            &[("--feed-url", &feed_url)],
+        );
+        let mut chat_args = service_args(
+            "loadlab-chat-gateway",
+            &chat_url,
+            &[("--presence-url", &presence_url)],
+        );
+        let mut presence_args = service_args("loadlab-presence", &presence_url, &[]);
         // A flag is handed to each service that knows it; one no service knows is an error.
         for flag in &args.service_flags {
             let name = flag
@@ -189,35 +211,47 @@ impl Stack {
                 .split('=')
                 .next()
                 .unwrap_or_default();
-            let feed_knows = knows::<FeedCli>(name);
-            let timeline_knows = knows::<TimelineCli>(name);
-            if !feed_knows && !timeline_knows {
+            let mut known = false;
+            for (knows, service_args) in [
+                (knows::<FeedCli>(name), &mut feed_args),
+                (knows::<TimelineCli>(name), &mut timeline_args),
+                (knows::<ChatCli>(name), &mut chat_args),
+                (knows::<PresenceCli>(name), &mut presence_args),
+            ] {
+                if knows {
+                    service_args.push(flag.clone());
+                    known = true;
+                }
+            }
+            if !known {
                 return Err(StackError::Flags {
                     service: "loadlab up",
                     message: format!("no service understands {flag:?}"),
                 });
             }
-            if feed_knows {
-                feed_args.push(flag.clone());
-            }
-            if timeline_knows {
-                timeline_args.push(flag.clone());
-            }
         }
-        let feed_cfg = FeedCli::try_parse_from(&feed_args)
-            .map_err(|e| StackError::Flags {
-                service: "feed",
+        let flags = |service: &'static str| {
+            move |e: clap::Error| StackError::Flags {
+                service,
                 message: e.to_string(),
-            })?
+            }
+        };
+        let feed_cfg = FeedCli::try_parse_from(&feed_args)
+            .map_err(flags("feed"))?
             .config;
         let timeline_cfg = TimelineCli::try_parse_from(&timeline_args)
-            .map_err(|e| StackError::Flags {
-                service: "timeline",
-                message: e.to_string(),
-            })?
+            .map_err(flags("timeline"))?
+            .config;
+        let chat_cfg = ChatCli::try_parse_from(&chat_args)
+            .map_err(flags("chat-gateway"))?
+            .config;
+        let presence_cfg = PresenceCli::try_parse_from(&presence_args)
+            .map_err(flags("presence"))?
             .config;
         feed_cfg.validate().map_err(ServeError::from)?;
         timeline_cfg.validate().map_err(ServeError::from)?;
+        chat_cfg.validate().map_err(ServeError::from)?;
+        presence_cfg.validate().map_err(ServeError::from)?;
 
         // One engine for everyone: with the memory engine this is what makes it work at all.
         let engine = Engine::from_args(&feed_cfg.common).map_err(ServeError::from)?;
@@ -226,37 +260,60 @@ impl Stack {
             .map_err(ServeError::from)?;
         db::migrate(&database).await.map_err(ServeError::from)?;
 
-        let mut tasks = Vec::new();
-        {
-            let (engine, shutdown) = (engine.clone(), shutdown.clone());
-            tasks.push((
+        let mut listeners = listeners.into_iter();
+        let mut next = || {
+            listeners
+                .next()
+                .ok_or_else(|| ServeError::Setup("listener missing".into()))
+        };
+        let (feed_l, timeline_l, chat_l, presence_l) = (next()?, next()?, next()?, next()?);
+        let tasks: Vec<(&'static str, JoinHandle<Result<(), ServeError>>)> = vec![
+            (
+                "presence",
+                tokio::spawn(loadlab_presence::serve_with(
+                    presence_cfg,
+                    engine.clone(),
+                    presence_l,
+                    shutdown.clone(),
+                )),
+            ),
+            (
                 "timeline",
                 tokio::spawn(loadlab_timeline::serve_with(
                     timeline_cfg,
-                    engine,
-                    timeline_listener,
-                    shutdown,
+                    engine.clone(),
+                    timeline_l,
+                    shutdown.clone(),
                 )),
-            ));
-        }
-        {
-            let deps = Deps {
-                engine,
-                db: database,
-            };
-            tasks.push((
+            ),
+            (
+                "chat-gateway",
+                tokio::spawn(loadlab_chat_gateway::serve_with(
+                    chat_cfg,
+                    engine.clone(),
+                    database.clone(),
+                    chat_l,
+                    shutdown.clone(),
+                )),
+            ),
+            (
                 "feed",
                 tokio::spawn(loadlab_feed::serve_with(
                     feed_cfg,
-                    deps,
-                    feed_listener,
+                    Deps {
+                        engine,
+                        db: database,
+                    },
+                    feed_l,
                     shutdown.clone(),
                 )),
-            ));
-        }
+            ),
+        ];
         Ok(Stack {
             feed_url,
             timeline_url,
+            chat_url,
+            presence_url,
             jwt_secret,
             shutdown,
             tasks,

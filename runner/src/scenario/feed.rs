@@ -43,8 +43,15 @@ pub struct FeedData {
 
 /// Set-up failed.
 #[derive(Debug, thiserror::Error)]
-#[error("feed set-up: {0}")]
+#[error("set-up: {0}")]
 pub struct SetupError(String);
+
+impl SetupError {
+    /// A set-up error with a message.
+    pub fn new(message: String) -> Self {
+        SetupError(message)
+    }
+}
 
 /// Requests in flight during set-up.
 const SETUP_CONCURRENCY: usize = 32;

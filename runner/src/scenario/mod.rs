@@ -5,6 +5,7 @@ use std::time::Duration;
 use crate::http_client::{Request, RequestError, Response, VuConnection};
 use crate::metrics::{EndpointId, HttpSample, Recorder};
 
+pub mod chat;
 pub mod feed;
 pub mod http;
 

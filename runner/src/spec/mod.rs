@@ -145,6 +145,9 @@ pub struct ScenarioParams {
     pub channels: u32,
     /// Chat: milliseconds between messages of one session.
     pub message_interval_ms: u32,
+    /// Chat: how long one session (one iteration) stays connected.
+    #[serde(with = "duration::serde_duration")]
+    pub session_duration: Duration,
 }
 
 impl Default for ScenarioParams {
@@ -158,6 +161,7 @@ impl Default for ScenarioParams {
             timeout: Duration::from_secs(10),
             channels: 50,
             message_interval_ms: 1_000,
+            session_duration: Duration::from_secs(30),
         }
     }
 }
@@ -512,6 +516,20 @@ impl LoadTestSpec {
             }
             ScenarioName::Chat => {
                 needs("chat")?;
+                // Users are created through the feed's API (the gateway has no sign-up).
+                needs("feed")?;
+                if s.params.message_interval_ms == 0 {
+                    return Err(SpecError::new(
+                        "scenario.params.messageIntervalMs",
+                        "must be at least 1",
+                    ));
+                }
+                if s.params.session_duration.is_zero() {
+                    return Err(SpecError::new(
+                        "scenario.params.sessionDuration",
+                        "must be positive",
+                    ));
+                }
                 if s.params.channels == 0 {
                     return Err(SpecError::new(
                         "scenario.params.channels",
