@@ -114,7 +114,11 @@ pub async fn run(
     let tell = |m: &str| progress.set_message(format!("set-up: {m}"));
     match spec.scenario.name {
         ScenarioName::FeedRead | ScenarioName::FeedWrite | ScenarioName::FeedMixed => {
-            let base = spec.target.get("feed").cloned().unwrap_or_default();
+            let base = spec
+                .target_urls("feed")
+                .into_iter()
+                .next()
+                .unwrap_or_default();
             let tag: String = opts
                 .run_id
                 .chars()
@@ -148,8 +152,13 @@ pub async fn run(
             drive(spec, opts, workload, registry, progress, started_at, stop).await
         }
         ScenarioName::Chat => {
-            let feed_base = spec.target.get("feed").cloned().unwrap_or_default();
-            let chat_base = spec.target.get("chat").cloned().unwrap_or_default();
+            let feed_base = spec
+                .target_urls("feed")
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            let gateways = spec.target_urls("chat");
+            let first_gateway = gateways.first().cloned().unwrap_or_default();
             let tag: String = opts
                 .run_id
                 .chars()
@@ -158,7 +167,7 @@ pub async fn run(
                 .collect();
             let data = chat::setup(
                 &feed_base,
-                &chat_base,
+                &first_gateway,
                 &spec.scenario.params,
                 &client,
                 &tag,
@@ -168,7 +177,7 @@ pub async fn run(
             // The schedule starts right after set-up; sessions end with it at the latest.
             let run_end = tokio::time::Instant::now() + spec.executor.duration();
             let workload =
-                chat::ChatWorkload::new(&chat_base, &spec.scenario.params, Arc::new(data), run_end);
+                chat::ChatWorkload::new(&gateways, &spec.scenario.params, Arc::new(data), run_end);
             drive(spec, opts, workload, registry, progress, started_at, stop).await
         }
     }

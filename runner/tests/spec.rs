@@ -119,3 +119,19 @@ fn the_example_manifests_parse() {
     }
     assert!(seen >= 2, "examples found: {seen}");
 }
+
+#[test]
+fn a_target_may_list_replicas() {
+    let yaml = "target: {feed: 'http://feed:8080/', chat: 'http://gw-a:8082, http://gw-b:8082'}\nscenario: {name: chat}\nexecutor: {type: constant-vus, vus: 2, duration: 10s}\n";
+    let spec = LoadTestSpec::from_yaml(yaml).expect("valid");
+    assert_eq!(
+        spec.target_urls("chat"),
+        ["http://gw-a:8082", "http://gw-b:8082"]
+    );
+    assert_eq!(spec.target_urls("feed"), ["http://feed:8080"]);
+    assert!(spec.target_urls("nothing").is_empty());
+    let bad = yaml.replace("http://gw-b:8082", "gw-b:8082");
+    let err = LoadTestSpec::from_yaml(&bad).expect_err("not a URL");
+    assert!(err.to_string().contains("target.chat"), "{err}");
+    assert!(err.to_string().contains("gw-b:8082"), "{err}");
+}

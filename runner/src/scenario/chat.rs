@@ -6,7 +6,9 @@
 //!
 //! Set-up (once per run): `users` accounts through the feed's API (the gateway has no sign-up)
 //! and `channels` channels through the gateway; VU `i` is user `i mod users` in channel
-//! `i mod channels`.
+//! `i mod channels`, connected to gateway replica `(i / channels) mod replicas` when
+//! `target.chat` lists several (so each channel's members alternate between replicas and
+//! delivery crosses Redis).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -117,7 +119,8 @@ async fn create_channel(
 
 /// The chat workload.
 pub struct ChatWorkload {
-    ws_base: String,
+    /// `ws://` bases of the gateway replicas.
+    ws_bases: Vec<String>,
     data: Arc<ChatData>,
     interval: Duration,
     session: Duration,
@@ -133,19 +136,23 @@ pub struct ChatVu {
 }
 
 impl ChatWorkload {
-    /// A workload against the gateway at `chat_base`.
+    /// A workload against the gateway replicas at `gateways` (`http(s)://` base URLs).
     pub fn new(
-        chat_base: &str,
+        gateways: &[String],
         params: &ScenarioParams,
         data: Arc<ChatData>,
         run_end: Instant,
     ) -> Arc<ChatWorkload> {
-        let base = chat_base.trim_end_matches('/');
-        let ws_base = base
-            .replacen("https://", "wss://", 1)
-            .replacen("http://", "ws://", 1);
+        let ws_bases = gateways
+            .iter()
+            .map(|base| {
+                base.trim_end_matches('/')
+                    .replacen("https://", "wss://", 1)
+                    .replacen("http://", "ws://", 1)
+            })
+            .collect();
         Arc::new(ChatWorkload {
-            ws_base,
+            ws_bases,
             data,
             interval: Duration::from_millis(u64::from(params.message_interval_ms.max(1))),
             session: params.session_duration,
@@ -179,14 +186,18 @@ impl Iteration for ChatWorkload {
 
     async fn run(&self, vu: &mut ChatVu, _queued: Duration) {
         let (users, channels) = (&self.data.users, &self.data.channels);
-        if users.is_empty() || channels.is_empty() {
+        if users.is_empty() || channels.is_empty() || self.ws_bases.is_empty() {
             return;
         }
         let (me, token) = &users[(vu.id as usize) % users.len()];
         let channel = &channels[(vu.id as usize) % channels.len()];
         let end = (Instant::now() + self.session).min(self.run_end);
         let started = Instant::now();
-        let url = format!("{}/v1/chat/ws?token={token}", self.ws_base);
+        // Consecutive VUs fill consecutive channels, so the replica advances once per round of
+        // channels: each channel's members alternate between replicas.
+        let replica = (vu.id as usize / channels.len()) % self.ws_bases.len();
+        let ws_base = &self.ws_bases[replica];
+        let url = format!("{ws_base}/v1/chat/ws?token={token}");
         let Ok(Ok((mut ws, _))) = tokio::time::timeout(
             Duration::from_secs(10),
             tokio_tungstenite::connect_async(url),

@@ -15,7 +15,9 @@ pub use duration::{format_duration, parse_duration};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadTestSpec {
-    /// Base URLs of the systems under test, by role: `feed`, `chat`.
+    /// Base URLs of the systems under test, by role: `feed`, `chat`. A role may list several
+    /// replicas separated by commas (`chat: "http://gw-a:8082,http://gw-b:8082"`): the chat
+    /// scenario spreads its VUs over them round-robin, the others use the first.
     #[serde(default)]
     pub target: BTreeMap<String, String>,
     /// What each iteration does.
@@ -441,17 +443,32 @@ impl LoadTestSpec {
         Ok(spec)
     }
 
+    /// The base URLs of a target role (several when it lists replicas), without trailing `/`.
+    pub fn target_urls(&self, role: &str) -> Vec<String> {
+        self.target
+            .get(role)
+            .map(|urls| {
+                urls.split(',')
+                    .map(|u| u.trim().trim_end_matches('/').to_owned())
+                    .filter(|u| !u.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Checks rules the types cannot express.
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.workers == 0 {
             return Err(SpecError::new("workers", "must be at least 1"));
         }
-        for (role, url) in &self.target {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(SpecError::new(
-                    format!("target.{role}"),
-                    format!("{url:?} is not an http:// or https:// URL"),
-                ));
+        for (role, urls) in &self.target {
+            for url in urls.split(',').map(str::trim) {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(SpecError::new(
+                        format!("target.{role}"),
+                        format!("{url:?} is not an http:// or https:// URL"),
+                    ));
+                }
             }
         }
         self.executor.validate()?;
