@@ -11,7 +11,7 @@
 #      group commit (default), as a ratio.
 #
 # Knobs (environment): CONNS (10000), MEMBERS (1000: members in all, 100 per room), INTERVAL_MS
-# (2000), DURATION (30s), SKIP_BUILD=1. Output also goes to benches/out/chat-<time>.txt.
+# (1000: 100 000 deliveries/s offered), DURATION (30s), SKIP_BUILD=1, ONLY=connections|fanout. Output also goes to benches/out/chat-<time>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/datastores.sh
@@ -19,7 +19,7 @@ source scripts/datastores.sh
 
 CONNS=${CONNS:-10000}
 MEMBERS=${MEMBERS:-1000}
-INTERVAL_MS=${INTERVAL_MS:-2000}
+INTERVAL_MS=${INTERVAL_MS:-1000}
 DURATION=${DURATION:-30s}
 out_dir=benches/out
 mkdir -p "$out_dir"
@@ -77,26 +77,31 @@ start_gateways() { # start_gateways EXTRA_FLAGS...: two replicas on :18382 and :
 }
 stop_gateways() { kill -TERM "${gateway_pids[@]}" 2>/dev/null || true; wait "${gateway_pids[@]}" 2>/dev/null || true; }
 
-run_chat() { # run_chat NAME GATEWAYS VUS CHANNELS INTERVAL_MS RAMP HOLD
-  local name=$1 gateways=$2 vus=$3 channels=$4 interval=$5 ramp=$6 hold=$7
+run_chat() { # run_chat NAME GATEWAYS VUS CHANNELS INTERVAL_MS RAMP HOLD (RAMP 0s: constant-vus)
+  local name=$1 gateways=$2 vus=$3 channels=$4 interval=$5 ramp=$6 hold=$7 executor
+  if [ "$ramp" = 0s ]; then
+    executor="{type: constant-vus, vus: $vus, duration: $hold, gracefulStop: 5s}"
+  else
+    executor="{type: ramping-vus, startVUs: 0, stages: [{duration: $ramp, target: $vus}, {duration: $hold, target: $vus}], gracefulStop: 5s}"
+  fi
   cat > "$work/$name.yaml" <<YAML
 target: {feed: "http://127.0.0.1:18380", chat: "$gateways"}
 scenario:
   name: chat
   params: {users: 200, channels: $channels, messageIntervalMs: $interval, sessionDuration: 1h}
-executor:
-  type: ramping-vus
-  startVUs: 0
-  stages: [{duration: $ramp, target: $vus}, {duration: $hold, target: $vus}]
-  gracefulStop: 5s
+executor: $executor
 YAML
   /usr/bin/time -f "%U %S %e" -o "$work/$name-time.txt" \
     "$bin/loadlab" run --quiet -f "$work/$name.yaml" --out "$work/$name" >"$work/$name.log" 2>&1 || true
+  if [ ! -f "$work/$name/summary.json" ]; then
+    say "[$name] loadlab run wrote no summary; its output:"; tail -n 20 "$work/$name.log" | tee -a "$report"; exit 1
+  fi
 }
 
 say "loadlab chat benchmark $(date -u +%FT%TZ) on $(nproc) cores; CONNS=$CONNS MEMBERS=$MEMBERS INTERVAL_MS=$INTERVAL_MS DURATION=$DURATION"
 
 # 1. Idle connections on one gateway (messages every hour: nothing is sent while we measure).
+if [ "${ONLY:-connections}" = connections ]; then
 start_gateways
 gw=${gateway_pids[0]}
 sleep 1
@@ -127,6 +132,7 @@ print(f"[connections] sessions {v('ws_sessions','count'):.0f}, failed {v('ws_ses
       f"handshake p50 {v('ws_connecting','med'):.1f} ms, p99 {v('ws_connecting','p(99)'):.1f} ms")
 PY
 stop_gateways
+fi
 
 # 2./3. Fan-out across two replicas: MEMBERS members in rooms of 100, half on each gateway.
 fanout() { # fanout LABEL GATEWAY_FLAGS...
@@ -136,17 +142,16 @@ fanout() { # fanout LABEL GATEWAY_FLAGS...
   r=$(pgrep -o -f 'redis-server .*:6379' || pgrep -o redis-server)
   local t0 c0 c1 cr; t0=$(date +%s.%N); c0=$(cpu_ticks "$g0"); c1=$(cpu_ticks "$g1"); cr=$(cpu_ticks "$r")
   log "[$label] $MEMBERS members in rooms of 100 over two gateways, one message each per ${INTERVAL_MS} ms"
-  run_chat "$label" "http://127.0.0.1:18382,http://127.0.0.1:18384" "$MEMBERS" $((MEMBERS / 100)) "$INTERVAL_MS" 5s "$DURATION"
+  run_chat "$label" "http://127.0.0.1:18382,http://127.0.0.1:18384" "$MEMBERS" $((MEMBERS / 100)) "$INTERVAL_MS" 0s "$DURATION"
   local hz; hz=$(getconf CLK_TCK)
   python3 - "$work/$label/summary.json" "$work/$label-time.txt" "$label" "$t0" "$hz" \
     "$c0" "$(cpu_ticks "$g0")" "$c1" "$(cpu_ticks "$g1")" "$cr" "$(cpu_ticks "$r")" \
     "$(curl -fs http://127.0.0.1:18382/metrics | awk '/^loadlab_chat_commit_batch_size_(sum|count)/ {print $2}' | paste -sd/)" <<'PY' | tee -a "$report"
-import json, sys, time
+import json, sys
 s = json.load(open(sys.argv[1])); m = s["metrics"]
 v = lambda k, f: m.get(k, {}).get("values", {}).get(f, 0)
-label = sys.argv[3]; wall = time.time() - float(sys.argv[4]); hz = float(sys.argv[5])
+label = sys.argv[3]; hz = float(sys.argv[5])
 ticks = [float(x) for x in sys.argv[6:12]]
-cores = lambda a, b: (b - a) / hz / wall
 secs = s["run"]["duration_s"]
 recv, sent = v("ws_msgs_received", "count"), v("ws_msgs_sent", "count")
 u, sy, w = map(float, open(sys.argv[2]).read().split())
@@ -157,13 +162,16 @@ print(f"[{label}] {sent:.0f} messages sent, {recv:.0f} deliveries in {secs:.0f} 
       f"(target >= 50000); delivery latency p50 {v('ws_delivery_latency','med'):.1f} ms, "
       f"p95 {v('ws_delivery_latency','p(95)'):.1f} ms, p99 {v('ws_delivery_latency','p(99)'):.1f} ms (target <= 100); "
       f"session failures {v('ws_session_failures','count'):.0f}; checks failed {v('checks','fails'):.0f}")
-print(f"[{label}] CPU (cores): gateway-a {cores(ticks[0], ticks[1]):.2f}, gateway-b {cores(ticks[2], ticks[3]):.2f}, "
-      f"redis {cores(ticks[4], ticks[5]):.2f}, loadlab generator {(u + sy) / w:.2f}; mean commit batch on gateway-a {avg_batch:.1f} messages; "
+# CPU per delivery is independent of how long set-up took around the measured window.
+per = lambda a, b: (b - a) / hz * 1e6 / max(recv, 1)
+print(f"[{label}] CPU per delivery: gateways {per(ticks[0], ticks[1]) + per(ticks[2], ticks[3]):.1f} µs, "
+      f"redis {per(ticks[4], ticks[5]):.1f} µs, loadlab generator {(u + sy) * 1e6 / max(recv, 1):.1f} µs; mean commit batch on gateway-a {avg_batch:.1f} messages; "
       f"generator {'SATURATED' if s['run']['generator']['saturated'] else 'ok'}")
 open(f"{sys.argv[1]}.rate", "w").write(f"{rate} {v('ws_delivery_latency','p(99)')}")
 PY
   stop_gateways
 }
+if [ "${ONLY:-fanout}" = fanout ]; then
 fanout group-commit
 fanout one-txn-per-message --commit-batch 1
 python3 - "$work/group-commit/summary.json.rate" "$work/one-txn-per-message/summary.json.rate" <<'PY' | tee -a "$report"
@@ -172,10 +180,12 @@ import sys
 print(f"[durability] group commit vs one transaction per message: deliveries/s {g:.0f} vs {o:.0f} "
       f"(x{g / o if o else float('inf'):.2f}), p99 {gp:.1f} ms vs {op:.1f} ms")
 PY
+fi
 
 log "redis-benchmark PUBLISH, same machine (the pub/sub ceiling)"
 say "redis-benchmark: PUBLISH $(redis-benchmark -q -c 50 -n 200000 publish benchchat:x hello 2>/dev/null | tr '\r' '\n' | awk '/requests per second/ {print $(NF-5)}' | tail -n1)/s"
 
+for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=()
 redis-cli -u "$LOADLAB_TEST_REDIS_URL" --scan --pattern "benchchat:$stamp:*" | xargs -r -n 500 redis-cli -u "$LOADLAB_TEST_REDIS_URL" unlink >/dev/null
-psql -X -q "$LOADLAB_TEST_POSTGRES_URL" -c "drop schema if exists $schema cascade" >/dev/null
+psql -X -q "$LOADLAB_TEST_POSTGRES_URL" -c "set client_min_messages = warning; drop schema if exists $schema cascade" >/dev/null
 say "report: $report"

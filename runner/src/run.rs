@@ -119,12 +119,7 @@ pub async fn run(
                 .into_iter()
                 .next()
                 .unwrap_or_default();
-            let tag: String = opts
-                .run_id
-                .chars()
-                .filter(char::is_ascii_alphanumeric)
-                .take(10)
-                .collect();
+            let tag = crate::scenario::run_tag(&opts.run_id);
             let data = feed::setup(&base, &spec.scenario.params, &client, &tag, &tell).await?;
             tracing::info!(
                 users = data.users.len(),
@@ -159,12 +154,7 @@ pub async fn run(
                 .unwrap_or_default();
             let gateways = spec.target_urls("chat");
             let first_gateway = gateways.first().cloned().unwrap_or_default();
-            let tag: String = opts
-                .run_id
-                .chars()
-                .filter(char::is_ascii_alphanumeric)
-                .take(10)
-                .collect();
+            let tag = crate::scenario::run_tag(&opts.run_id);
             let data = chat::setup(
                 &feed_base,
                 &first_gateway,

@@ -161,6 +161,16 @@ impl ChatWorkload {
     }
 }
 
+/// Client WebSocket settings: tungstenite allocates its read buffer up front (128 KiB by
+/// default), which would make 10 000 sessions cost over a gigabyte of generator memory; chat
+/// frames are small. Nagle is off (the caller passes `disable_nagle`) so that delivery latency
+/// is the system's, not the client's socket's.
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+}
+
 fn unix_nanos() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -200,7 +210,7 @@ impl Iteration for ChatWorkload {
         let url = format!("{ws_base}/v1/chat/ws?token={token}");
         let Ok(Ok((mut ws, _))) = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::connect_async(url),
+            tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
         )
         .await
         else {
@@ -214,7 +224,11 @@ impl Iteration for ChatWorkload {
             vu.recorder.ws_failure();
             return;
         }
-        let mut ticker = tokio::time::interval_at(Instant::now() + self.interval, self.interval);
+        // The first send comes at a random point of the first interval: sessions that start
+        // together (constant-vus) would otherwise send in lockstep bursts, which measures the
+        // burst rather than the system at the offered rate.
+        let phase = self.interval.mul_f64(rand::random::<f64>());
+        let mut ticker = tokio::time::interval_at(Instant::now() + phase, self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut ok = true;
         loop {

@@ -9,6 +9,26 @@ pub mod chat;
 pub mod feed;
 pub mod http;
 
+/// A short tag for the names set-up creates (user handles, channel names), derived from the
+/// whole run id so that runs against one target never collide: a prefix of the id would be the
+/// same for every run of the same day. Ten base-36 characters of a 64-bit FNV-1a hash fit the
+/// handle rules (`a-z0-9_`, at most 32 characters with the user's index).
+pub fn run_tag(run_id: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in run_id.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    (0..10)
+        .map(|_| {
+            let d = digits[(hash % 36) as usize] as char;
+            hash /= 36;
+            d
+        })
+        .collect()
+}
+
 /// Sends `request`, records it under `endpoint`, and returns the response when there was one.
 ///
 /// A request fails (k6's `http_req_failed`) on a transport error or a status outside 200–399.
@@ -62,4 +82,22 @@ pub async fn send_recorded(
     };
     recorder.http(&sample, error);
     result
+}
+
+#[cfg(test)]
+mod tag_tests {
+    use super::run_tag;
+
+    #[test]
+    fn run_tags_differ_for_runs_of_the_same_day_and_are_stable() {
+        let a = run_tag("run20261202041706");
+        let b = run_tag("run20261202041707");
+        assert_ne!(a, b);
+        assert_eq!(a, run_tag("run20261202041706"));
+        assert_eq!(a.len(), 10);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase())
+        );
+    }
 }

@@ -33,6 +33,11 @@ pub struct ChatConfig {
     #[arg(long, env = "LOADLAB_MAX_FRAME_BYTES", default_value_t = 16 * 1024)]
     pub max_frame_bytes: usize,
 
+    /// Read buffer of each WebSocket connection, in bytes (allocated up front per connection;
+    /// larger frames still arrive, the buffer grows for them).
+    #[arg(long, env = "LOADLAB_WS_READ_BUFFER_BYTES", default_value_t = 4096)]
+    pub ws_read_buffer_bytes: usize,
+
     /// Frames queued for one connection before it counts as a slow consumer and is closed (4008).
     /// It must absorb a burst (a commit batch's acks plus its messages); slots are allocated
     /// only when used.
@@ -83,6 +88,11 @@ impl ChatConfig {
         if self.max_message_bytes == 0 || self.max_frame_bytes < self.max_message_bytes + 256 {
             return Err(ConfigError(
                 "--max-frame-bytes must exceed --max-message-bytes by at least 256 (the frame's JSON around the body)".into(),
+            ));
+        }
+        if self.ws_read_buffer_bytes < 256 {
+            return Err(ConfigError(
+                "--ws-read-buffer-bytes must be at least 256".into(),
             ));
         }
         if self.outbound_queue == 0 || self.commit_batch == 0 || self.commit_queue == 0 {

@@ -76,6 +76,10 @@ impl FromRequestParts<AppState> for WsUser {
     }
 }
 
+/// Bytes a connection's writer gathers before a write reaches the socket (a flush always
+/// writes everything).
+const WRITE_BATCH_BYTES: usize = 8 * 1024;
+
 async fn upgrade(
     State(state): State<AppState>,
     WsUser(user): WsUser,
@@ -86,8 +90,14 @@ async fn upgrade(
         return ApiError::unavailable("draining", "gateway shutting down", 1).into_response();
     }
     let frame = gateway.cfg.max_frame_bytes;
+    // tungstenite allocates its read buffer eagerly (128 KiB by default): with tens of
+    // thousands of mostly idle connections that buffer is most of the memory, and chat frames
+    // are small, so it is sized by flag. The write buffer grows only on busy connections: the
+    // writer feeds a burst of queued frames and flushes once.
     ws.max_frame_size(frame)
         .max_message_size(frame)
+        .read_buffer_size(gateway.cfg.ws_read_buffer_bytes)
+        .write_buffer_size(WRITE_BATCH_BYTES)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| {
             let tracker = gateway.tracker.clone();
