@@ -157,7 +157,7 @@ impl Coordinator {
                 tracing::error!(error = %e, "coordinator server stopped");
             }
         });
-        tracing::info!(%addr, run = %opts.run.run_id, workers = opts.workers, "coordinator listening");
+        tracing::debug!(%addr, run = %opts.run.run_id, workers = opts.workers, "coordinator listening");
         Ok(Coordinator {
             spec,
             opts,
@@ -403,7 +403,7 @@ impl<'a> RunLoop<'a> {
         for w in &mut self.workers {
             w.last_seen = Some(start);
         }
-        tracing::info!(workers = n, lead = ?self.opts.start_lead, "every worker is ready; start scheduled");
+        tracing::debug!(workers = n, lead = ?self.opts.start_lead, "every worker is ready; start scheduled");
         self.running = Some(Running { start_at, start });
     }
 
@@ -428,7 +428,7 @@ impl<'a> RunLoop<'a> {
                 {
                     tracing::warn!(index, "cannot send set-up data to worker");
                 }
-                tracing::info!(index, "worker connected");
+                tracing::debug!(index, "worker connected");
                 self.show_gathering();
             }
             Event::Message { index, kind } => self.on_message(index, *kind),
@@ -511,7 +511,7 @@ impl<'a> RunLoop<'a> {
                 self.emit_intervals();
             }
             FromWorker::Done(done) => {
-                tracing::info!(index, duration_s = done.duration_s, "worker done");
+                tracing::debug!(index, duration_s = done.duration_s, "worker done");
                 w.done = Some(done);
                 // Dropping the sender ends the worker's stream: its cue to exit.
                 w.tx = None;

@@ -226,7 +226,7 @@ impl CoordinatorRpc for Service {
             .get(r.index as usize)
             .cloned()
             .ok_or_else(|| Status::invalid_argument("worker index out of range"))?;
-        tracing::info!(index = r.index, %host, "worker registered");
+        tracing::debug!(index = r.index, %host, "worker registered");
         Ok(Response::new(pb::RegisterResponse {
             run: self.run.clone(),
             session,
