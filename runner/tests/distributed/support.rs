@@ -18,7 +18,7 @@ use loadlab::summary::Summary;
 use tokio::process::{Child, Command};
 
 /// VU ids below this get slow answers (in the tests, the VUs of worker 0).
-pub const SLOW_BELOW: u64 = 3;
+pub const SLOW_BELOW: u64 = 10;
 /// How slow, ms.
 pub const SLOW_MS: u64 = 30;
 
