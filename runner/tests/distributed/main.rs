@@ -5,4 +5,5 @@
 
 mod peers;
 mod runs;
+mod stack;
 mod support;
