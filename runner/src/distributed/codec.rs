@@ -92,14 +92,12 @@ pub fn encode_histogram(h: &Histogram<u64>, which: &str) -> Result<Vec<u8>, Code
     Ok(out)
 }
 
-/// Decodes a blob and adds it into `into` (bounds must fit the runner's histograms).
-pub fn add_histogram(
-    into: &mut Histogram<u64>,
-    blob: &[u8],
-    which: &str,
-) -> Result<(), CodecError> {
+/// Decodes a blob; `None` for an empty one. Only histograms with the runner's exact layout
+/// (1 µs – 1 h, 3 significant digits) are taken, so adding them can neither fail nor lose
+/// precision.
+pub fn decode_histogram(blob: &[u8], which: &str) -> Result<Option<Histogram<u64>>, CodecError> {
     if blob.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let err = |message: String| CodecError::Histogram {
         which: which.to_owned(),
@@ -108,7 +106,31 @@ pub fn add_histogram(
     let h: Histogram<u64> = Deserializer::new()
         .deserialize(&mut &blob[..])
         .map_err(|e| err(format!("{e:?}")))?;
-    into.add(&h).map_err(|e| err(format!("{e:?}")))
+    if h.low() != 1 || h.high() != metrics::MAX_MICROS || h.sigfig() != 3 {
+        return Err(err(format!(
+            "layout {}..{} µs with {} digits, expected 1..{} µs with 3",
+            h.low(),
+            h.high(),
+            h.sigfig(),
+            metrics::MAX_MICROS
+        )));
+    }
+    Ok(Some(h))
+}
+
+/// Decodes a blob and adds it into `into`.
+pub fn add_histogram(
+    into: &mut Histogram<u64>,
+    blob: &[u8],
+    which: &str,
+) -> Result<(), CodecError> {
+    if let Some(h) = decode_histogram(blob, which)? {
+        into.add(&h).map_err(|e| CodecError::Histogram {
+            which: which.to_owned(),
+            message: format!("{e:?}"),
+        })?;
+    }
+    Ok(())
 }
 
 /// What a report carries besides the measurements.
@@ -201,12 +223,106 @@ pub fn encode_report(
     })
 }
 
-/// Decodes a report into a fresh buffer (endpoints interned into `endpoints`).
+/// One (endpoint, status) series of a decoded report.
+#[derive(Debug, Clone)]
+struct DecodedSeries {
+    key: (EndpointId, u16),
+    count: u64,
+    failed: u64,
+    duration: Option<Histogram<u64>>,
+    service: Option<Histogram<u64>>,
+}
+
+/// A fully validated report, ready to be added to any number of buffers. Histograms stay as
+/// decoded (no zeroed full buffer is built per report: the coordinator adds each report to the
+/// run totals and to its interval, and allocating buffers dominated its cost).
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// The report's numbering, timing, VUs and generator sample.
+    pub meta: ReportMeta,
+    http: Vec<DecodedSeries>,
+    phases: Vec<(usize, Histogram<u64>)>,
+    iteration_duration: Option<Histogram<u64>>,
+    ws_connecting: Option<Histogram<u64>>,
+    ws_delivery_latency: Option<Histogram<u64>>,
+    errors: Vec<(&'static str, u64)>,
+    iterations: u64,
+    dropped: u64,
+    checks_passed: u64,
+    checks_failed: u64,
+    data_sent: u64,
+    data_received: u64,
+    ws_sessions: u64,
+    ws_session_failures: u64,
+    ws_msgs_sent: u64,
+    ws_msgs_received: u64,
+}
+
+fn add_opt(into: &mut Histogram<u64>, h: Option<&Histogram<u64>>) {
+    if let Some(h) = h {
+        // Same layout, checked when decoding: cannot fail.
+        let _ = into.add(h);
+    }
+}
+
+impl Decoded {
+    /// Requests in the report.
+    pub fn requests(&self) -> u64 {
+        self.http.iter().map(|s| s.count).sum()
+    }
+
+    /// Completed iterations in the report.
+    pub fn iterations(&self) -> u64 {
+        self.iterations
+    }
+
+    /// Adds the report into `b`.
+    pub fn add_to(&self, b: &mut Buffer) {
+        for s in &self.http {
+            let series = b.http.entry(s.key).or_insert_with(|| HttpSeries {
+                count: 0,
+                failed: 0,
+                duration: metrics::new_histogram(),
+                service: metrics::new_histogram(),
+            });
+            series.count += s.count;
+            series.failed += s.failed;
+            add_opt(&mut series.duration, s.duration.as_ref());
+            add_opt(&mut series.service, s.service.as_ref());
+        }
+        for (i, h) in &self.phases {
+            if let Some(into) = b.phases.get_mut(*i) {
+                add_opt(into, Some(h));
+            }
+        }
+        b.iterations += self.iterations;
+        add_opt(&mut b.iteration_duration, self.iteration_duration.as_ref());
+        b.dropped += self.dropped;
+        b.checks_passed += self.checks_passed;
+        b.checks_failed += self.checks_failed;
+        b.data_sent += self.data_sent;
+        b.data_received += self.data_received;
+        for (kind, n) in &self.errors {
+            *b.errors.entry(kind).or_default() += n;
+        }
+        b.ws_sessions += self.ws_sessions;
+        b.ws_session_failures += self.ws_session_failures;
+        add_opt(&mut b.ws_connecting, self.ws_connecting.as_ref());
+        b.ws_msgs_sent += self.ws_msgs_sent;
+        b.ws_msgs_received += self.ws_msgs_received;
+        add_opt(
+            &mut b.ws_delivery_latency,
+            self.ws_delivery_latency.as_ref(),
+        );
+    }
+}
+
+/// Decodes and validates a report (endpoints interned into `endpoints`).
 pub fn decode_report(
     report: &pb::IntervalReport,
     endpoints: &mut Endpoints,
-) -> Result<(Buffer, ReportMeta), CodecError> {
-    let mut b = Buffer::default();
+) -> Result<Decoded, CodecError> {
+    let mut http = Vec::with_capacity(report.http.len());
     for s in &report.http {
         let id = endpoints.intern(&s.endpoint)?;
         let status = u16::try_from(s.status)
@@ -218,30 +334,22 @@ pub fn decode_report(
             ));
         }
         let which = |m: &str| format!("{m}{{endpoint:{},status:{status}}}", s.endpoint);
-        let series = b.http.entry((id, status)).or_insert_with(|| HttpSeries {
-            count: 0,
-            failed: 0,
-            duration: metrics::new_histogram(),
-            service: metrics::new_histogram(),
+        http.push(DecodedSeries {
+            key: (id, status),
+            count: s.count,
+            failed: s.failed,
+            duration: decode_histogram(&s.duration, &which("http_req_duration"))?,
+            service: decode_histogram(&s.service, &which("http_req_service_duration"))?,
         });
-        series.count += s.count;
-        series.failed += s.failed;
-        add_histogram(
-            &mut series.duration,
-            &s.duration,
-            &which("http_req_duration"),
-        )?;
-        add_histogram(
-            &mut series.service,
-            &s.service,
-            &which("http_req_service_duration"),
-        )?;
     }
+    let mut phases = Vec::new();
     match report.phases.len() {
         0 => {}
         n if n == metrics::PHASES.len() => {
-            for ((h, blob), name) in b.phases.iter_mut().zip(&report.phases).zip(metrics::PHASES) {
-                add_histogram(h, blob, name)?;
+            for (i, (blob, name)) in report.phases.iter().zip(metrics::PHASES).enumerate() {
+                if let Some(h) = decode_histogram(blob, name)? {
+                    phases.push((i, h));
+                }
             }
         }
         n => {
@@ -251,34 +359,14 @@ pub fn decode_report(
             ));
         }
     }
-    b.iterations = report.iterations;
-    add_histogram(
-        &mut b.iteration_duration,
-        &report.iteration_duration,
-        "iteration_duration",
-    )?;
-    b.dropped = report.dropped_iterations;
-    b.checks_passed = report.checks_passed;
-    b.checks_failed = report.checks_failed;
-    b.data_sent = report.data_sent;
-    b.data_received = report.data_received;
+    let mut errors = Vec::with_capacity(report.errors.len());
     for (kind, n) in &report.errors {
         let kind = ERROR_KINDS
             .iter()
             .find(|k| **k == kind.as_str())
             .ok_or_else(|| field("errors", format!("unknown error kind {kind:?}")))?;
-        *b.errors.entry(kind).or_default() += n;
+        errors.push((*kind, *n));
     }
-    b.ws_sessions = report.ws_sessions;
-    b.ws_session_failures = report.ws_session_failures;
-    add_histogram(&mut b.ws_connecting, &report.ws_connecting, "ws_connecting")?;
-    b.ws_msgs_sent = report.ws_msgs_sent;
-    b.ws_msgs_received = report.ws_msgs_received;
-    add_histogram(
-        &mut b.ws_delivery_latency,
-        &report.ws_delivery_latency,
-        "ws_delivery_latency",
-    )?;
     let finite = |name: &'static str, v: f64| {
         if v.is_finite() && v >= 0.0 {
             Ok(v)
@@ -297,7 +385,25 @@ pub fn decode_report(
         lag_ms: finite("generator.lag_ms", g.lag_ms)?,
         saturated: g.saturated,
     };
-    Ok((b, meta))
+    Ok(Decoded {
+        meta,
+        http,
+        phases,
+        iteration_duration: decode_histogram(&report.iteration_duration, "iteration_duration")?,
+        ws_connecting: decode_histogram(&report.ws_connecting, "ws_connecting")?,
+        ws_delivery_latency: decode_histogram(&report.ws_delivery_latency, "ws_delivery_latency")?,
+        errors,
+        iterations: report.iterations,
+        dropped: report.dropped_iterations,
+        checks_passed: report.checks_passed,
+        checks_failed: report.checks_failed,
+        data_sent: report.data_sent,
+        data_received: report.data_received,
+        ws_sessions: report.ws_sessions,
+        ws_session_failures: report.ws_session_failures,
+        ws_msgs_sent: report.ws_msgs_sent,
+        ws_msgs_received: report.ws_msgs_received,
+    })
 }
 
 fn bearer(auth: &HeaderValue) -> String {
@@ -461,8 +567,7 @@ mod tests {
                 let mut b = Buffer::default();
                 w.drain_into(&mut b);
                 let report = encode_report(&b, &w.endpoint_names(), ReportMeta::default()).expect("encodes");
-                let (decoded, _) = decode_report(&report, &mut endpoints).expect("decodes");
-                merged.add(&decoded);
+                decode_report(&report, &mut endpoints).expect("decodes").add_to(&mut merged);
             }
             prop_assert_eq!(merged.requests(), expected.requests());
             prop_assert_eq!(merged.failures(), expected.failures());

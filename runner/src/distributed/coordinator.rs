@@ -22,7 +22,7 @@ use tonic::Status;
 
 use super::codec::{self, Endpoints};
 use super::merge::{Interval, Merger};
-use super::service::{Event, Roster, Service, unix_nanos};
+use super::service::{Event, Liveness, Roster, Service, unix_nanos};
 use super::shard;
 use super::{EXIT_RUN_INCOMPLETE, HEARTBEAT, LOSS_TIMEOUT, MAX_MESSAGE_BYTES};
 use crate::executor::Execution;
@@ -70,6 +70,7 @@ pub struct Coordinator {
     events_tx: mpsc::Sender<Event>,
     events: mpsc::Receiver<Event>,
     roster: Arc<Mutex<Roster>>,
+    liveness: Arc<Liveness>,
     server_stop: Shutdown,
     server: tokio::task::JoinHandle<()>,
 }
@@ -135,6 +136,7 @@ impl Coordinator {
             events_tx.clone(),
         );
         let roster = service.roster.clone();
+        let liveness = service.liveness.clone();
         let addr = listener.local_addr()?;
         let server_stop = Shutdown::new();
         let signal = server_stop.clone();
@@ -165,6 +167,7 @@ impl Coordinator {
             events_tx,
             events,
             roster,
+            liveness,
             server_stop,
             server,
         })
@@ -189,10 +192,11 @@ impl Coordinator {
             events_tx,
             mut events,
             roster,
+            liveness,
             server_stop,
             server,
         } = self;
-        let result = RunLoop::new(&spec, &opts, roster)
+        let result = RunLoop::new(&spec, &opts, roster, liveness)
             .run(&mut events, stop)
             .await;
         drop(events_tx);
@@ -241,6 +245,7 @@ struct RunLoop<'a> {
     spec: &'a LoadTestSpec,
     opts: &'a CoordinatorOptions,
     roster: Arc<Mutex<Roster>>,
+    liveness: Arc<Liveness>,
     workers: Vec<Worker>,
     setup: Option<pb::Setup>,
     running: Option<Running>,
@@ -266,11 +271,13 @@ impl<'a> RunLoop<'a> {
         spec: &'a LoadTestSpec,
         opts: &'a CoordinatorOptions,
         roster: Arc<Mutex<Roster>>,
+        liveness: Arc<Liveness>,
     ) -> RunLoop<'a> {
         RunLoop {
             spec,
             opts,
             roster,
+            liveness,
             workers: (0..opts.workers).map(|_| Worker::default()).collect(),
             setup: None,
             running: None,
@@ -491,13 +498,13 @@ impl<'a> RunLoop<'a> {
                 }
             }
             FromWorker::Report(report) => {
-                let decoded = codec::decode_report(&report, &mut self.endpoints);
-                let (buffer, meta) = match decoded {
+                let decoded = match codec::decode_report(&report, &mut self.endpoints) {
                     Ok(d) => d,
                     Err(e) => return self.lose(index, format!("it sent a malformed report: {e}")),
                 };
-                let (requests, iterations) = (buffer.requests(), buffer.iterations);
-                if let Err(e) = self.merger.add(index, buffer, &meta) {
+                let (requests, iterations) = (decoded.requests(), decoded.iterations());
+                let meta = decoded.meta;
+                if let Err(e) = self.merger.add(index, &decoded) {
                     return self.lose(index, e.to_string());
                 }
                 let Some(w) = self.workers.get_mut(index as usize) else {
@@ -585,9 +592,12 @@ impl<'a> RunLoop<'a> {
             if w.tx.is_none() || w.finished() {
                 continue;
             }
-            if w.last_seen
-                .is_some_and(|t| now.saturating_duration_since(t) > LOSS_TIMEOUT)
-            {
+            // Heard on arrival, or processed (the start resets the clock for everyone).
+            let silent_for = w.last_seen.map(|t| {
+                now.saturating_duration_since(t)
+                    .min(self.liveness.silent_for(index as u32))
+            });
+            if silent_for.is_some_and(|d| d > LOSS_TIMEOUT) {
                 silent.push(index as u32);
             } else if !w.send(ToWorker::Heartbeat(pb::Heartbeat {})) {
                 deaf.push(index as u32);

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use crate::metrics::Buffer;
 
-use super::codec::ReportMeta;
+use super::codec::Decoded;
 
 /// One merged interval.
 #[derive(Default)]
@@ -78,7 +78,8 @@ impl Merger {
     }
 
     /// Adds worker `index`'s report. Reports of one worker must come numbered 0, 1, 2, ….
-    pub fn add(&mut self, index: u32, buffer: Buffer, meta: &ReportMeta) -> Result<(), OutOfOrder> {
+    pub fn add(&mut self, index: u32, report: &Decoded) -> Result<(), OutOfOrder> {
+        let meta = &report.meta;
         let source = self
             .sources
             .get_mut(index as usize)
@@ -96,7 +97,7 @@ impl Merger {
             });
         }
         source.next += 1;
-        self.totals.add(&buffer);
+        report.add_to(&mut self.totals);
         if meta.seq < self.next {
             // Its interval was finished without it (only after a wait for a worker declared
             // lost, whose later reports are not taken): the totals have it, the series not.
@@ -106,7 +107,7 @@ impl Merger {
             seq: meta.seq,
             ..Interval::default()
         });
-        slot.buffer.add(&buffer);
+        report.add_to(&mut slot.buffer);
         slot.end_s = slot.end_s.max(meta.end_s);
         slot.length_s = slot.length_s.max(meta.length_s);
         slot.vus += meta.vus_peak;
@@ -160,7 +161,9 @@ impl Merger {
 mod tests {
     use super::*;
 
-    fn report(seq: u64, iterations: u64) -> (Buffer, ReportMeta) {
+    use crate::distributed::codec::{Endpoints, ReportMeta, decode_report, encode_report};
+
+    fn add(m: &mut Merger, index: u32, seq: u64, iterations: u64) -> Result<(), OutOfOrder> {
         let b = Buffer {
             iterations,
             ..Buffer::default()
@@ -172,12 +175,9 @@ mod tests {
             vus_peak: 2,
             ..ReportMeta::default()
         };
-        (b, meta)
-    }
-
-    fn add(m: &mut Merger, index: u32, seq: u64, iterations: u64) -> Result<(), OutOfOrder> {
-        let (b, meta) = report(seq, iterations);
-        m.add(index, b, &meta)
+        let report = encode_report(&b, &[], meta).expect("encodes");
+        let decoded = decode_report(&report, &mut Endpoints::default()).expect("decodes");
+        m.add(index, &decoded)
     }
 
     #[test]

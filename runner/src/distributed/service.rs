@@ -10,6 +10,7 @@
 //! after the start an index is never given out again.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +37,42 @@ pub(crate) enum Event {
     Ended { index: u32, reason: String },
     /// Worker `index`'s process exited (local runs watch their children).
     Exited { index: u32, reason: String },
+}
+
+/// When each worker was last heard from, stamped as its messages arrive — not when the run loop
+/// gets to them, so a coordinator busy merging a backlog does not mistake its queue for a
+/// silent worker.
+#[derive(Debug)]
+pub(crate) struct Liveness {
+    base: Instant,
+    heard_ms: Vec<AtomicU64>,
+}
+
+impl Liveness {
+    fn new(total: u32) -> Liveness {
+        Liveness {
+            base: Instant::now(),
+            heard_ms: (0..total).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn touch(&self, index: u32) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Some(h) = self.heard_ms.get(index as usize) {
+            h.fetch_max(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// How long worker `index` has been silent (since the coordinator started, if never heard).
+    pub(crate) fn silent_for(&self, index: u32) -> Duration {
+        let heard = self
+            .heard_ms
+            .get(index as usize)
+            .map_or(0, |h| h.load(Ordering::Relaxed));
+        self.base
+            .elapsed()
+            .saturating_sub(Duration::from_millis(heard))
+    }
 }
 
 /// A registration that did not open its session within this long gives its index back.
@@ -103,6 +140,7 @@ pub(crate) struct Service {
     /// Per index: the spec JSON with that worker's executor share, and its shard.
     pub(crate) plans: Arc<Vec<(String, pb::Shard)>>,
     pub(crate) roster: Arc<Mutex<Roster>>,
+    pub(crate) liveness: Arc<Liveness>,
     pub(crate) events: mpsc::Sender<Event>,
 }
 
@@ -120,6 +158,7 @@ impl Service {
             version: super::VERSION.to_owned(),
             plans: Arc::new(plans),
             roster: Arc::new(Mutex::new(Roster::new(total))),
+            liveness: Arc::new(Liveness::new(total)),
             events,
         }
     }
@@ -292,10 +331,13 @@ impl CoordinatorRpc for Service {
             return Err(Status::unavailable("the run is over"));
         }
         let events = self.events.clone();
+        let liveness = self.liveness.clone();
+        liveness.touch(index);
         tokio::spawn(async move {
             let reason = loop {
                 match inbound.message().await {
                     Ok(Some(pb::WorkerMessage { kind: Some(kind) })) => {
+                        liveness.touch(index);
                         if events
                             .send(Event::Message {
                                 index,

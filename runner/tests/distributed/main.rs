@@ -3,6 +3,7 @@
 //! thresholds on merged data, lost workers under both policies, a lost coordinator, stop, and
 //! peers that must be refused.
 
+mod bench;
 mod peers;
 mod runs;
 mod stack;
