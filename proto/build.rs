@@ -6,6 +6,7 @@ const PROTOS: &[&str] = &[
     "loadlab/feed/v1/feed.proto",
     "loadlab/timeline/v1/timeline.proto",
     "loadlab/presence/v1/presence.proto",
+    "loadlab/runner/v1/runner.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

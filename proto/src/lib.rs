@@ -28,6 +28,15 @@ pub mod presence {
     }
 }
 
+/// `loadlab.runner.v1`: the coordinator protocol of distributed runs.
+pub mod runner {
+    /// Version 1 of the coordinator protocol.
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("loadlab.runner.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every loadlab proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/loadlab_descriptor.bin"));

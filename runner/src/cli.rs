@@ -82,6 +82,13 @@ pub struct RunArgs {
     /// Per-request timeout.
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<Duration>,
+    /// Load worker processes on this machine, over the coordinator protocol that pods use
+    /// (default: the spec's `workers`; one worker without the flag runs in this process).
+    #[arg(long)]
+    pub workers: Option<u32>,
+    /// What to do when a worker is lost mid-run: fail (default) or continue (degraded).
+    #[arg(long = "on-worker-loss", value_parser = parse_on_worker_loss)]
+    pub on_worker_loss: Option<OnWorkerLoss>,
     /// Report directory.
     #[arg(long, default_value = "loadlab-report")]
     pub out: PathBuf,
@@ -94,6 +101,14 @@ pub struct RunArgs {
     /// No live progress line.
     #[arg(long)]
     pub quiet: bool,
+}
+
+fn parse_on_worker_loss(s: &str) -> Result<OnWorkerLoss, String> {
+    match s {
+        "fail" => Ok(OnWorkerLoss::Fail),
+        "continue" => Ok(OnWorkerLoss::Continue),
+        other => Err(format!("`{other}`: expected fail or continue")),
+    }
 }
 
 /// Parsed `--stages`.
@@ -211,6 +226,12 @@ impl RunArgs {
         {
             spec.executor = self.executor(&spec.executor)?;
         }
+        if let Some(n) = self.workers {
+            spec.workers = n;
+        }
+        if let Some(policy) = self.on_worker_loss {
+            spec.on_worker_loss = policy;
+        }
         for arg in &self.thresholds {
             let t = Threshold::parse_cli(arg).map_err(|e| err("--threshold", e.to_string()))?;
             spec.thresholds.entry(t.key()).or_default().push(t.expr);
@@ -303,6 +324,12 @@ impl RunArgs {
                 graceful_stop,
             }),
         })
+    }
+
+    /// Whether the run goes through the coordinator protocol with local worker processes:
+    /// `--workers` given, or a spec asking for more than one.
+    pub fn distributed(&self, spec: &LoadTestSpec) -> bool {
+        self.workers.is_some() || spec.workers > 1
     }
 
     /// `--server-pid NAME=PID` pairs.

@@ -27,6 +27,18 @@ pub fn render(summary: &Summary) -> String {
     if let Some(reason) = &r.reason {
         let _ = writeln!(out, "  reason: {reason}");
     }
+    if let Some(d) = &r.distributed {
+        if let Some(skew) = d.start_skew_ms {
+            let _ = writeln!(out, "  start skew across workers: {skew:.2} ms");
+        }
+        for lost in &d.lost_workers {
+            let _ = writeln!(
+                out,
+                "  ⚠ lost worker {} at {:.1}s: {}",
+                lost.index, lost.at_s, lost.reason
+            );
+        }
+    }
     if let Some(note) = &r.generator.note {
         let _ = writeln!(out, "  ⚠ {note}");
     }

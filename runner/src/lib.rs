@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod console;
 pub mod demo;
+pub mod distributed;
 pub mod executor;
 pub mod http_client;
 pub mod metrics;

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use loadlab::cli::RunArgs;
+use loadlab::distributed::cli::{CoordinatorArgs, WorkerArgs};
+use loadlab::distributed::coordinator::{Coordinator, CoordinatorOptions};
+use loadlab::distributed::{local, worker};
 use loadlab::stack::{Stack, StackArgs};
 use loadlab::summary::Summary;
 use loadlab::{console, demo, report, run};
@@ -47,6 +50,14 @@ enum Command {
     /// Run a load test from this machine (`-f loadtest.yaml` or flags). Exit code 99 when a
     /// threshold fails.
     Run(Box<RunArgs>),
+    /// Coordinate a distributed run (a pod entrypoint): serve the coordinator protocol, run the
+    /// set-up once, start the workers on one barrier, merge their results, write the report.
+    /// Exit code 99 when a threshold fails, 98 when a worker was lost (onWorkerLoss: fail) or
+    /// did not register in time.
+    Coordinator(Box<CoordinatorArgs>),
+    /// Generate one shard of a distributed run's load (a pod entrypoint) for the coordinator
+    /// at --coordinator. Stops its load and exits non-zero when it loses the coordinator.
+    Worker(WorkerArgs),
     /// Print the summary of a finished run and re-render its index.html.
     Report {
         /// The report directory (holding summary.json).
@@ -100,11 +111,66 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 out_dir: args.out.clone(),
                 progress: !args.quiet,
                 server_processes: args.server_processes()?,
-                run_id: format!("run{}", chrono::Utc::now().format("%Y%m%d%H%M%S")),
+                run_id: run_id(),
                 insecure_skip_verify: args.insecure,
             };
-            let outcome = run::run(&spec, &opts, stop).await?;
+            let outcome = if args.distributed(&spec) {
+                let workers = local::LocalWorkers {
+                    count: spec.workers,
+                    exe: std::env::current_exe()?,
+                };
+                local::run(&spec, &opts, &workers, stop).await?
+            } else {
+                run::run(&spec, &opts, stop).await?
+            };
             finish(&outcome.summary, &args.out, outcome.exit_code)
+        }
+        Command::Coordinator(args) => {
+            let text = std::fs::read_to_string(&args.file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+            let spec = loadlab::spec::LoadTestSpec::from_yaml(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+            let opts = CoordinatorOptions {
+                run: run::RunOptions {
+                    out_dir: args.out.clone(),
+                    progress: !args.quiet,
+                    server_processes: Vec::new(),
+                    run_id: args.run.clone().unwrap_or_else(run_id),
+                    insecure_skip_verify: args.insecure,
+                },
+                workers: args.workers.unwrap_or(spec.workers),
+                start_lead: Duration::from_secs(1),
+            };
+            let listener = tokio::net::TcpListener::bind(&args.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("--listen {}: {e}", args.listen))?;
+            let coordinator = Coordinator::start(&spec, opts.clone(), listener).await?;
+            println!(
+                "loadlab coordinator: run {} with {} workers, listening on {}",
+                opts.run.run_id,
+                opts.workers,
+                coordinator.local_addr()
+            );
+            let outcome = coordinator.run(stop).await?;
+            finish(&outcome.summary, &args.out, outcome.exit_code)
+        }
+        Command::Worker(args) => {
+            let opts = worker::WorkerOptions {
+                coordinator: args.coordinator,
+                index: args.index,
+                total: args.total,
+                run: args.run,
+                connect_timeout: args.connect_timeout,
+                insecure_skip_verify: args.insecure,
+            };
+            let outcome = worker::work(&opts, stop).await?;
+            tracing::info!(
+                requests = outcome.requests,
+                reports = outcome.reports,
+                stopped_early = outcome.stopped_early,
+                "worker done"
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Report { dir } => {
             let path = dir.join("summary.json");
@@ -121,6 +187,10 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             finish(&summary, &dir, code)
         }
     }
+}
+
+fn run_id() -> String {
+    format!("run{}", chrono::Utc::now().format("%Y%m%d%H%M%S"))
 }
 
 fn finish(summary: &Summary, out: &std::path::Path, code: i32) -> anyhow::Result<ExitCode> {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 
 /// Largest duration a histogram tracks (longer samples are clamped): 1 hour in µs.
-const MAX_MICROS: u64 = 3_600_000_000;
+pub const MAX_MICROS: u64 = 3_600_000_000;
 
 /// A new histogram of microseconds, 1 µs – 1 h, 3 significant digits.
 pub fn new_histogram() -> Histogram<u64> {

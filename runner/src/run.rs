@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use loadlab_kit::Shutdown;
 
+use crate::distributed::shard::{Shard, ShardVus};
 use crate::executor::{self, Iteration, Pacing};
 use crate::http_client::{Client, ClientConfig};
 use crate::metrics::{self, Buffer, PHASES, Registry, mean_ms, quantile_ms};
@@ -71,16 +72,19 @@ pub enum RunError {
     },
 }
 
-/// Everything the collector accumulates.
+/// Everything the collector accumulates (the distributed coordinator fills the same record from
+/// its workers' merged reports, so both paths share [`summarize`]).
 #[derive(Default)]
-struct Collected {
-    totals: Buffer,
-    points: Vec<Point>,
-    services: Vec<ServiceTrack>,
-    generator: GeneratorTrack,
+pub(crate) struct Collected {
+    /// Exact run totals.
+    pub(crate) totals: Buffer,
+    /// One point per interval.
+    pub(crate) points: Vec<Point>,
+    pub(crate) services: Vec<ServiceTrack>,
+    pub(crate) generator: GeneratorTrack,
 }
 
-struct ServiceTrack {
+pub(crate) struct ServiceTrack {
     name: String,
     pid: u32,
     first: Option<ProcSample>,
@@ -88,13 +92,232 @@ struct ServiceTrack {
     points: Vec<ServicePoint>,
 }
 
+/// The generator guard's running tally.
 #[derive(Default)]
-struct GeneratorTrack {
+pub(crate) struct GeneratorTrack {
     last: Option<ProcSample>,
     max_cpu: f64,
     max_lag_ms: f64,
     saturated_intervals: u32,
     intervals: u32,
+}
+
+impl GeneratorTrack {
+    /// Whether an interval in which this process used `cpu` cores and its runtime fell behind by
+    /// `lag_ms` counts as saturated: timers or the arrival schedule late by more than 25 ms, or
+    /// nearly every core in use.
+    pub(crate) fn saturated(cpu: f64, lag_ms: f64) -> bool {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        lag_ms > 25.0 || cpu > 0.9 * cores
+    }
+
+    /// Counts one interval.
+    pub(crate) fn record(&mut self, cpu: f64, lag_ms: f64, saturated: bool) {
+        self.max_cpu = self.max_cpu.max(cpu);
+        self.max_lag_ms = self.max_lag_ms.max(lag_ms);
+        self.intervals += 1;
+        if saturated {
+            self.saturated_intervals += 1;
+        }
+    }
+
+    /// Samples this process; the CPU it used (cores) since the previous sample, if there was one.
+    pub(crate) fn sample_self(&mut self) -> Option<f64> {
+        let sample = procstat::sample(std::process::id())?;
+        let cpu = self
+            .last
+            .map(|prev| procstat::cores_between(&prev, &sample));
+        self.last = Some(sample);
+        cpu
+    }
+}
+
+impl Collected {
+    /// An empty record that samples `server_processes` and this process.
+    pub(crate) fn new(server_processes: &[(String, u32)]) -> Collected {
+        let mut generator = GeneratorTrack::default();
+        let _ = generator.sample_self();
+        Collected {
+            services: server_processes
+                .iter()
+                .map(|(name, pid)| ServiceTrack {
+                    name: name.clone(),
+                    pid: *pid,
+                    first: procstat::sample(*pid),
+                    last: procstat::sample(*pid),
+                    points: Vec::new(),
+                })
+                .collect(),
+            generator,
+            ..Collected::default()
+        }
+    }
+
+    /// Samples the server processes for the interval ending at `t` seconds.
+    pub(crate) fn sample_services(&mut self, t: f64) {
+        for s in &mut self.services {
+            if let Some(sample) = procstat::sample(s.pid) {
+                if let Some(prev) = s.last {
+                    let dt = sample.at.duration_since(prev.at).as_secs_f64().max(1e-3);
+                    s.points.push(ServicePoint {
+                        t,
+                        cpu_cores: procstat::cores_between(&prev, &sample),
+                        rss_bytes: sample.rss_bytes,
+                        net_rx_bytes_per_s: sample.read_bytes.saturating_sub(prev.read_bytes)
+                            as f64
+                            / dt,
+                        net_tx_bytes_per_s: sample.written_bytes.saturating_sub(prev.written_bytes)
+                            as f64
+                            / dt,
+                    });
+                }
+                s.last = Some(sample);
+            }
+        }
+    }
+}
+
+/// What a run's one-time set-up created, for the workload of every worker of the run.
+#[derive(Debug, Clone)]
+pub enum Prepared {
+    /// Nothing to set up (the `http` scenario).
+    Nothing,
+    /// Users, follow graph and posts of the feed scenarios.
+    Feed(Arc<feed::FeedData>),
+    /// Users and channels of the chat scenario.
+    Chat(Arc<chat::ChatData>),
+}
+
+/// Runs the set-up `spec`'s scenario needs, once per run; `tell` hears each phase.
+pub async fn prepare(
+    spec: &LoadTestSpec,
+    run_id: &str,
+    client: &Client,
+    tell: &(dyn Fn(&str) + Sync),
+) -> Result<Prepared, RunError> {
+    // Set-up data is named after the run, so runs against one target do not collide.
+    let tag = crate::scenario::run_tag(run_id);
+    match spec.scenario.name {
+        ScenarioName::FeedRead | ScenarioName::FeedWrite | ScenarioName::FeedMixed => {
+            let base = spec
+                .target_urls("feed")
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            let data = feed::setup(&base, &spec.scenario.params, client, &tag, tell).await?;
+            tracing::info!(
+                users = data.users.len(),
+                follows = data.follows,
+                posts = data.posts,
+                "feed set-up done"
+            );
+            Ok(Prepared::Feed(Arc::new(data)))
+        }
+        ScenarioName::Http => Ok(Prepared::Nothing),
+        ScenarioName::Chat => {
+            let feed_base = spec
+                .target_urls("feed")
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            // Channels are created through the first replica; they live in the shared database.
+            let chat_base = spec
+                .target_urls("chat")
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            let data = chat::setup(
+                &feed_base,
+                &chat_base,
+                &spec.scenario.params,
+                client,
+                &tag,
+                tell,
+            )
+            .await?;
+            Ok(Prepared::Chat(Arc::new(data)))
+        }
+    }
+}
+
+/// Something that runs a built workload: the local collector, or a distributed worker's
+/// reporter. Each scenario's workload is its own type, so it is handed over generically.
+pub(crate) trait Drive {
+    /// What driving produces.
+    type Output;
+    /// Runs the executor over `workload`.
+    fn drive<I: Iteration>(self, workload: Arc<I>) -> impl Future<Output = Self::Output> + Send;
+}
+
+/// Builds `spec`'s workload over what set-up `prepared` — this `shard`'s part of it — and hands
+/// it to `driver`. `schedule_start` is when the executor will start (chat sessions end with the
+/// schedule).
+pub(crate) async fn with_workload<D: Drive>(
+    spec: &LoadTestSpec,
+    prepared: &Prepared,
+    client: Client,
+    registry: &Registry,
+    shard: &Shard,
+    schedule_start: tokio::time::Instant,
+    driver: D,
+) -> Result<D::Output, RunError> {
+    let mismatch = || {
+        RunError::Unsupported(format!(
+            "set-up data does not fit scenario {}",
+            spec.scenario.name.as_str()
+        ))
+    };
+    match spec.scenario.name {
+        ScenarioName::FeedRead | ScenarioName::FeedWrite | ScenarioName::FeedMixed => {
+            let Prepared::Feed(data) = prepared else {
+                return Err(mismatch());
+            };
+            let base = spec
+                .target_urls("feed")
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            let workload = feed::FeedWorkload::new(
+                spec.scenario.name,
+                &base,
+                &spec.scenario.params,
+                data.clone(),
+                shard.actors(data.users.len()),
+                client,
+                registry,
+            );
+            Ok(driver.drive(ShardVus::new(workload, shard)).await)
+        }
+        ScenarioName::Http => {
+            let Some(http) = &spec.scenario.http else {
+                return Err(RunError::Unsupported(
+                    "scenario.http: missing requests".into(),
+                ));
+            };
+            let workload = http_scenario::HttpWorkload::new(http, client, registry)?;
+            Ok(driver.drive(ShardVus::new(workload, shard)).await)
+        }
+        ScenarioName::Chat => {
+            let Prepared::Chat(data) = prepared else {
+                return Err(mismatch());
+            };
+            let gateways = spec.target_urls("chat");
+            // Sessions end with the schedule at the latest.
+            let run_end = schedule_start + spec.executor.duration();
+            let workload =
+                chat::ChatWorkload::new(&gateways, &spec.scenario.params, data.clone(), run_end);
+            Ok(driver.drive(ShardVus::new(workload, shard)).await)
+        }
+    }
+}
+
+/// The HTTP client a run's VUs (and its set-up) use.
+pub(crate) fn client_for(spec: &LoadTestSpec, insecure_skip_verify: bool) -> Client {
+    Client::new(ClientConfig {
+        timeout: spec.scenario.params.timeout,
+        insecure_skip_verify,
+        ..ClientConfig::default()
+    })
 }
 
 /// Runs `spec` until its schedule ends or `stop` fires; writes the report into `opts.out_dir`.
@@ -104,76 +327,59 @@ pub async fn run(
     stop: Shutdown,
 ) -> Result<RunOutcome, RunError> {
     let registry = Registry::new();
-    let client = Client::new(ClientConfig {
-        timeout: spec.scenario.params.timeout,
-        insecure_skip_verify: opts.insecure_skip_verify,
-        ..ClientConfig::default()
-    });
+    let client = client_for(spec, opts.insecure_skip_verify);
     let started_at = chrono::Utc::now();
     let progress = progress_bar(opts.progress);
     let tell = |m: &str| progress.set_message(format!("set-up: {m}"));
-    match spec.scenario.name {
-        ScenarioName::FeedRead | ScenarioName::FeedWrite | ScenarioName::FeedMixed => {
-            let base = spec
-                .target_urls("feed")
-                .into_iter()
-                .next()
-                .unwrap_or_default();
-            let tag = crate::scenario::run_tag(&opts.run_id);
-            let data = feed::setup(&base, &spec.scenario.params, &client, &tag, &tell).await?;
-            tracing::info!(
-                users = data.users.len(),
-                follows = data.follows,
-                posts = data.posts,
-                "feed set-up done"
-            );
-            let workload = feed::FeedWorkload::new(
-                spec.scenario.name,
-                &base,
-                &spec.scenario.params,
-                Arc::new(data),
-                client,
-                &registry,
-            );
-            drive(spec, opts, workload, registry, progress, started_at, stop).await
-        }
-        ScenarioName::Http => {
-            let Some(http) = &spec.scenario.http else {
-                return Err(RunError::Unsupported(
-                    "scenario.http: missing requests".into(),
-                ));
-            };
-            let workload = http_scenario::HttpWorkload::new(http, client, &registry)?;
-            drive(spec, opts, workload, registry, progress, started_at, stop).await
-        }
-        ScenarioName::Chat => {
-            let feed_base = spec
-                .target_urls("feed")
-                .into_iter()
-                .next()
-                .unwrap_or_default();
-            let gateways = spec.target_urls("chat");
-            let first_gateway = gateways.first().cloned().unwrap_or_default();
-            let tag = crate::scenario::run_tag(&opts.run_id);
-            let data = chat::setup(
-                &feed_base,
-                &first_gateway,
-                &spec.scenario.params,
-                &client,
-                &tag,
-                &tell,
-            )
-            .await?;
-            // The schedule starts right after set-up; sessions end with it at the latest.
-            let run_end = tokio::time::Instant::now() + spec.executor.duration();
-            let workload =
-                chat::ChatWorkload::new(&gateways, &spec.scenario.params, Arc::new(data), run_end);
-            drive(spec, opts, workload, registry, progress, started_at, stop).await
-        }
+    let prepared = prepare(spec, &opts.run_id, &client, &tell).await?;
+    let local = Local {
+        spec,
+        opts,
+        registry: registry.clone(),
+        progress,
+        started_at,
+        stop,
+    };
+    with_workload(
+        spec,
+        &prepared,
+        client,
+        &registry,
+        &Shard::whole(),
+        tokio::time::Instant::now(),
+        local,
+    )
+    .await?
+}
+
+/// The single-process path: this process runs the whole schedule and collects it itself.
+struct Local<'a> {
+    spec: &'a LoadTestSpec,
+    opts: &'a RunOptions,
+    registry: Arc<Registry>,
+    progress: ProgressBar,
+    started_at: chrono::DateTime<chrono::Utc>,
+    stop: Shutdown,
+}
+
+impl Drive for Local<'_> {
+    type Output = Result<RunOutcome, RunError>;
+
+    fn drive<I: Iteration>(self, workload: Arc<I>) -> impl Future<Output = Self::Output> + Send {
+        drive(
+            self.spec,
+            self.opts,
+            workload,
+            self.registry,
+            self.progress,
+            self.started_at,
+            self.stop,
+        )
     }
 }
 
-fn progress_bar(enabled: bool) -> ProgressBar {
+/// The live progress line (hidden when disabled).
+pub(crate) fn progress_bar(enabled: bool) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }
@@ -197,24 +403,7 @@ async fn drive<I: Iteration>(
     stop: Shutdown,
 ) -> Result<RunOutcome, RunError> {
     let pacing = Arc::new(Pacing::default());
-    let collected = Arc::new(Mutex::new(Collected {
-        services: opts
-            .server_processes
-            .iter()
-            .map(|(name, pid)| ServiceTrack {
-                name: name.clone(),
-                pid: *pid,
-                first: procstat::sample(*pid),
-                last: procstat::sample(*pid),
-                points: Vec::new(),
-            })
-            .collect(),
-        generator: GeneratorTrack {
-            last: procstat::sample(std::process::id()),
-            ..GeneratorTrack::default()
-        },
-        ..Collected::default()
-    }));
+    let collected = Arc::new(Mutex::new(Collected::new(&opts.server_processes)));
     let load_started = Instant::now();
     let planned = spec.executor.duration();
     let collector_stop = Shutdown::new();
@@ -240,8 +429,20 @@ async fn drive<I: Iteration>(
     let ended_at = chrono::Utc::now();
     let collected = std::mem::take(&mut *lock(&collected));
     let summary = summarize(
-        spec, opts, &registry, collected, started_at, ended_at, &execution,
+        spec,
+        opts,
+        &registry.endpoint_names(),
+        metrics::gauge(&registry.vus_max),
+        collected,
+        started_at,
+        ended_at,
+        &execution,
     );
+    finish(summary, opts)
+}
+
+/// Writes the report of a summarized run; the outcome with its exit code.
+pub(crate) fn finish(summary: Summary, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     write_report(&summary, opts)?;
     let exit_code = if summary.run.verdict == Verdict::Pass {
         0
@@ -253,6 +454,61 @@ async fn drive<I: Iteration>(
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One interval's point of the time series: `interval` measured over `secs` seconds, ending `t`
+/// seconds into the run, with at most `vus` VUs active.
+pub(crate) fn interval_point(interval: &Buffer, t: f64, secs: f64, vus: u64) -> Point {
+    let secs = secs.max(1e-3);
+    let all = interval.duration_all();
+    Point {
+        t,
+        rps: interval.requests() as f64 / secs,
+        errors_per_s: interval.failures() as f64 / secs,
+        p50_ms: quantile_ms(&all, 0.50),
+        p95_ms: quantile_ms(&all, 0.95),
+        p99_ms: quantile_ms(&all, 0.99),
+        vus,
+        dropped: interval.dropped,
+        sent_bytes_per_s: interval.data_sent as f64 / secs,
+        received_bytes_per_s: interval.data_received as f64 / secs,
+    }
+}
+
+/// The generator's worst scheduling lag (arrival schedule or probe timer) since the last call, ms.
+pub(crate) fn take_lag_ms(pacing: &Pacing) -> f64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dispatch = pacing.max_dispatch_lag_us.swap(0, Relaxed);
+    let timer = pacing.max_timer_lag_us.swap(0, Relaxed);
+    dispatch.max(timer) as f64 / 1_000.0
+}
+
+/// Updates the progress line with the latest point.
+pub(crate) fn show_progress(
+    progress: &ProgressBar,
+    elapsed: Duration,
+    planned: Duration,
+    point: &Point,
+    note: &str,
+) {
+    if !planned.is_zero() {
+        progress.set_position(
+            ((elapsed.as_secs_f64() / planned.as_secs_f64()).min(1.0) * 1_000.0) as u64,
+        );
+    }
+    progress.set_message(format!(
+        "{:>5.1}s/{}  {:>8.1} req/s  {:>5.2}% errors  p95 {:>7.2} ms  VUs {}{note}",
+        elapsed.as_secs_f64(),
+        crate::spec::format_duration(planned),
+        point.rps,
+        if point.rps > 0.0 {
+            point.errors_per_s / point.rps * 100.0
+        } else {
+            0.0
+        },
+        point.p95_ms,
+        point.vus
+    ));
 }
 
 /// Once a second: drain the samples into a point and the totals, sample the servers and the
@@ -279,93 +535,24 @@ async fn collect(
             () = stop.wait() => true,
         };
         let now = Instant::now();
-        let secs = now.duration_since(last).as_secs_f64().max(1e-3);
+        let secs = now.duration_since(last).as_secs_f64();
         last = now;
         interval.reset();
         registry.drain_into(&mut interval);
-        let all = interval.duration_all();
-        let point = Point {
-            t: now.duration_since(started).as_secs_f64(),
-            rps: interval.requests() as f64 / secs,
-            errors_per_s: interval.failures() as f64 / secs,
-            p50_ms: quantile_ms(&all, 0.50),
-            p95_ms: quantile_ms(&all, 0.95),
-            p99_ms: quantile_ms(&all, 0.99),
-            vus: registry.take_vus_peak(),
-            dropped: interval.dropped,
-            sent_bytes_per_s: interval.data_sent as f64 / secs,
-            received_bytes_per_s: interval.data_received as f64 / secs,
-        };
-        let dispatch_lag_ms = pacing
-            .max_dispatch_lag_us
-            .swap(0, std::sync::atomic::Ordering::Relaxed) as f64
-            / 1_000.0;
-        let timer_lag_ms = pacing
-            .max_timer_lag_us
-            .swap(0, std::sync::atomic::Ordering::Relaxed) as f64
-            / 1_000.0;
+        let t = now.duration_since(started).as_secs_f64();
+        let point = interval_point(&interval, t, secs, registry.take_vus_peak());
+        let lag_ms = take_lag_ms(&pacing);
         {
             let mut c = lock(&collected);
             c.totals.add(&interval);
-            for s in &mut c.services {
-                if let Some(sample) = procstat::sample(s.pid) {
-                    if let Some(prev) = s.last {
-                        let dt = sample.at.duration_since(prev.at).as_secs_f64().max(1e-3);
-                        s.points.push(crate::summary::ServicePoint {
-                            t: point.t,
-                            cpu_cores: procstat::cores_between(&prev, &sample),
-                            rss_bytes: sample.rss_bytes,
-                            net_rx_bytes_per_s: sample.read_bytes.saturating_sub(prev.read_bytes)
-                                as f64
-                                / dt,
-                            net_tx_bytes_per_s: sample
-                                .written_bytes
-                                .saturating_sub(prev.written_bytes)
-                                as f64
-                                / dt,
-                        });
-                    }
-                    s.last = Some(sample);
-                }
-            }
+            c.sample_services(point.t);
             let g = &mut c.generator;
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-            if let Some(sample) = procstat::sample(std::process::id()) {
-                if let Some(prev) = g.last {
-                    let cpu = procstat::cores_between(&prev, &sample);
-                    g.max_cpu = g.max_cpu.max(cpu);
-                    let lag = dispatch_lag_ms.max(timer_lag_ms);
-                    g.max_lag_ms = g.max_lag_ms.max(lag);
-                    g.intervals += 1;
-                    // Saturated: the generator's own runtime fell behind (timers or the
-                    // arrival schedule late by more than 25 ms), or it used nearly every core.
-                    if lag > 25.0 || cpu > 0.9 * cores {
-                        g.saturated_intervals += 1;
-                    }
-                }
-                g.last = Some(sample);
+            if let Some(cpu) = g.sample_self() {
+                g.record(cpu, lag_ms, GeneratorTrack::saturated(cpu, lag_ms));
             }
             c.points.push(point.clone());
         }
-        let elapsed = now.duration_since(started);
-        if !planned.is_zero() {
-            progress.set_position(
-                ((elapsed.as_secs_f64() / planned.as_secs_f64()).min(1.0) * 1_000.0) as u64,
-            );
-        }
-        progress.set_message(format!(
-            "{:>5.1}s/{}  {:>8.1} req/s  {:>5.2}% errors  p95 {:>7.2} ms  VUs {}",
-            elapsed.as_secs_f64(),
-            crate::spec::format_duration(planned),
-            point.rps,
-            if point.rps > 0.0 {
-                point.errors_per_s / point.rps * 100.0
-            } else {
-                0.0
-            },
-            point.p95_ms,
-            point.vus
-        ));
+        show_progress(&progress, now.duration_since(started), planned, &point, "");
         if done {
             break;
         }
@@ -373,10 +560,11 @@ async fn collect(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn summarize(
+pub(crate) fn summarize(
     spec: &LoadTestSpec,
     opts: &RunOptions,
-    registry: &Registry,
+    names: &[String],
+    vus_max: u64,
     collected: Collected,
     started_at: chrono::DateTime<chrono::Utc>,
     ended_at: chrono::DateTime<chrono::Utc>,
@@ -384,7 +572,6 @@ fn summarize(
 ) -> Summary {
     let totals = &collected.totals;
     let seconds = execution.duration.as_secs_f64().max(1e-3);
-    let names = registry.endpoint_names();
     let scenario = spec.scenario.name.as_str();
     let mut metrics = BTreeMap::new();
     let trend = |h: &hdrhistogram::Histogram<u64>| Metric {
@@ -471,7 +658,7 @@ fn summarize(
             trend(&totals.ws_delivery_latency),
         );
     }
-    let vus_max = metrics::gauge(&registry.vus_max) as f64;
+    let vus_max = vus_max as f64;
     let peak_vus = collected.points.iter().map(|p| p.vus).max().unwrap_or(0) as f64;
     metrics.insert(
         "vus".into(),
@@ -505,9 +692,9 @@ fn summarize(
             let Ok(t) = Threshold::parse(key, expr) else {
                 continue;
             };
-            let actual = aggregate(&t, totals, &names, scenario, seconds, &metrics);
+            let actual = aggregate(&t, totals, names, scenario, seconds, &metrics);
             if !t.filter.is_empty()
-                && let Some(sub) = sub_metric(&t, totals, &names, scenario, seconds)
+                && let Some(sub) = sub_metric(&t, totals, names, scenario, seconds)
             {
                 metrics.insert(t.key(), sub);
             }
@@ -633,6 +820,8 @@ fn summarize(
             verdict,
             reason,
             version: env!("CARGO_PKG_VERSION").into(),
+            degraded: false,
+            distributed: None,
         },
         metrics,
         thresholds,

@@ -66,6 +66,68 @@ pub struct RunInfo {
     pub reason: Option<String>,
     /// loadlab version.
     pub version: String,
+    /// A worker was lost and the run went on without it (`onWorkerLoss: continue`): the figures
+    /// cover less load than planned.
+    #[serde(default)]
+    pub degraded: bool,
+    /// How a distributed run went (absent for single-process runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<Distribution>,
+}
+
+/// A distributed run: its synchronized start, its workers, and the ones it lost.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Distribution {
+    /// RFC 3339 instant the start was scheduled for (coordinator clock); absent when the run
+    /// never started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_start: Option<String>,
+    /// Latest minus earliest actual start among the workers, ms (each worker corrects its clock
+    /// by its estimated offset from the coordinator's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_skew_ms: Option<f64>,
+    /// The policy: `fail` or `continue`.
+    pub on_worker_loss: String,
+    /// Every worker, by index.
+    pub workers: Vec<WorkerRecord>,
+    /// Workers lost mid-run.
+    #[serde(default)]
+    pub lost_workers: Vec<LostWorker>,
+    /// Interval reports merged.
+    pub reports: u64,
+    /// CPU the coordinator process used over the run, seconds.
+    pub coordinator_cpu_s: f64,
+}
+
+/// One worker of a distributed run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    /// Shard index.
+    pub index: u32,
+    /// Where it registered from (host or pod name and address).
+    pub host: String,
+    /// Its actual start minus the scheduled start, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_offset_ms: Option<f64>,
+    /// Interval reports it sent.
+    pub reports: u64,
+    /// Requests it reported.
+    pub requests: u64,
+    /// Iterations it reported.
+    pub iterations: u64,
+    /// It was lost.
+    pub lost: bool,
+}
+
+/// A worker lost mid-run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LostWorker {
+    /// Shard index.
+    pub index: u32,
+    /// Seconds after the start.
+    pub at_s: f64,
+    /// Why it counts as lost (stream ended, silent, process exited, …).
+    pub reason: String,
 }
 
 /// Pass or fail.

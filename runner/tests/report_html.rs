@@ -145,6 +145,8 @@ fn realistic_summary() -> Summary {
             verdict: Verdict::Fail,
             reason: Some("threshold http_req_duration p(95)<50 failed (actual 98.0)".into()),
             version: "0.1.0".into(),
+            degraded: false,
+            distributed: None,
         },
         metrics: BTreeMap::from([
             ("http_req_duration".to_owned(), trend(18.0, 98.0)),

@@ -82,6 +82,8 @@ pub fn summary() -> Summary {
             verdict: Verdict::Fail,
             reason: Some("threshold http_req_duration p(95)<15 failed".into()),
             version: "0.1.0".into(),
+            degraded: false,
+            distributed: None,
         },
         metrics,
         thresholds: vec![

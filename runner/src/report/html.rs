@@ -112,7 +112,7 @@ fn write_header(out: &mut String, s: &Summary) -> fmt::Result {
         started = Escape(&run.started_at),
         ended = Escape(&run.ended_at),
         duration = format::duration(run.duration_s),
-        workers = run.workers,
+        workers = workers_text(run),
         cpu = format::number(run.generator.max_cpu_cores, 2),
         lag = format::ms(run.generator.max_scheduling_lag_ms),
     )?;
@@ -134,6 +134,28 @@ fn write_header(out: &mut String, s: &Summary) -> fmt::Result {
         out.push_str("</div>\n");
     }
     Ok(())
+}
+
+/// The worker count, and for distributed runs the start skew and any lost worker (escaped).
+fn workers_text(run: &crate::summary::RunInfo) -> String {
+    let mut text = run.workers.to_string();
+    if let Some(d) = &run.distributed {
+        if let Some(skew) = d.start_skew_ms {
+            text.push_str(&format!(" · start skew {}", format::ms(skew)));
+        }
+        for lost in &d.lost_workers {
+            text.push_str(&format!(
+                " · <span class=\"lost\">lost worker {} at {}: {}</span>",
+                lost.index,
+                format::duration(lost.at_s),
+                Escape(&lost.reason)
+            ));
+        }
+        if run.degraded {
+            text.push_str(" · degraded");
+        }
+    }
+    text
 }
 
 fn write_charts(out: &mut String, s: &Summary) -> fmt::Result {
@@ -276,6 +298,27 @@ mod tests {
     use super::*;
     use crate::report::fixture::summary;
     use crate::summary::ServerStats;
+
+    #[test]
+    fn distributed_runs_show_skew_and_lost_workers_escaped() {
+        let mut s = summary();
+        s.run.workers = 3;
+        s.run.degraded = true;
+        s.run.distributed = Some(crate::summary::Distribution {
+            start_skew_ms: Some(1.25),
+            lost_workers: vec![crate::summary::LostWorker {
+                index: 1,
+                at_s: 2.5,
+                reason: "<script>x</script>".into(),
+            }],
+            ..Default::default()
+        });
+        let html = render(&s);
+        assert!(html.contains("start skew"), "skew shown");
+        assert!(html.contains("lost worker 1"), "loss shown");
+        assert!(html.contains("degraded"));
+        assert!(!html.contains("<script>x</script>"), "reason escaped");
+    }
 
     const CHARTS: [&str; 6] = ["rps", "latency", "vus", "cpu", "memory", "network"];
 

@@ -263,6 +263,9 @@ pub struct FeedWorkload {
     client: Client,
     base: String,
     data: Arc<FeedData>,
+    /// The users this workload acts as (reads their timelines, posts as them): all of them in a
+    /// single-process run, a disjoint slice per worker in a distributed one.
+    actors: std::ops::Range<usize>,
     mix: [(Action, u32); 3],
     page_size: u32,
     home: EndpointId,
@@ -279,12 +282,14 @@ pub struct FeedVu {
 }
 
 impl FeedWorkload {
-    /// A workload for `name` over the users of `data`.
+    /// A workload for `name` over the users of `data`, acting as the users in `actors` (clamped
+    /// to the users there are; an empty range means all of them).
     pub fn new(
         name: ScenarioName,
         base: &str,
         params: &ScenarioParams,
         data: Arc<FeedData>,
+        actors: std::ops::Range<usize>,
         client: Client,
         registry: &Registry,
     ) -> Arc<FeedWorkload> {
@@ -305,10 +310,17 @@ impl FeedWorkload {
                 (Action::Post, 10),
             ],
         };
+        let n = data.users.len();
+        let actors = if actors.start < actors.end.min(n) {
+            actors.start..actors.end.min(n)
+        } else {
+            0..n
+        };
         Arc::new(FeedWorkload {
             client,
             base: base.trim_end_matches('/').to_owned(),
             data,
+            actors,
             mix,
             page_size: params.page_size,
             home: registry.endpoint("GET /v1/users/{id}/timeline"),
@@ -349,7 +361,7 @@ impl Iteration for FeedWorkload {
                 }
             })
             .map_or(Action::Home, |(a, _)| *a);
-        let me = &users[vu.rng.random_range(0..users.len())];
+        let me = &users[vu.rng.random_range(self.actors.clone())];
         let mut headers = HeaderMap::with_capacity(2);
         headers.insert(AUTHORIZATION, me.auth.clone());
         let (endpoint, method, url, body) = match action {
