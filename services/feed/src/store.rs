@@ -328,22 +328,22 @@ impl FeedStore {
         followee: Id,
         delta: i64,
     ) -> Result<(), DbErr> {
-        user::Entity::update_many()
-            .col_expr(
-                user::Column::FollowerCount,
-                Expr::col(user::Column::FollowerCount).add(delta),
-            )
-            .filter(user::Column::Id.eq(followee.as_i64()))
-            .exec(db)
-            .await?;
-        user::Entity::update_many()
-            .col_expr(
-                user::Column::FollowingCount,
-                Expr::col(user::Column::FollowingCount).add(delta),
-            )
-            .filter(user::Column::Id.eq(follower.as_i64()))
-            .exec(db)
-            .await?;
+        // Row locks are taken in id order: A following B while B follows A would otherwise
+        // lock the two rows in opposite orders and deadlock (PostgreSQL aborts one of them).
+        let followee_update = (followee, user::Column::FollowerCount);
+        let follower_update = (follower, user::Column::FollowingCount);
+        let ordered = if followee < follower {
+            [followee_update, follower_update]
+        } else {
+            [follower_update, followee_update]
+        };
+        for (id, column) in ordered {
+            user::Entity::update_many()
+                .col_expr(column, Expr::col(column).add(delta))
+                .filter(user::Column::Id.eq(id.as_i64()))
+                .exec(db)
+                .await?;
+        }
         Ok(())
     }
 

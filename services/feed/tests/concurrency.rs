@@ -93,3 +93,51 @@ async fn concurrent_posts_and_follows(backend: Backend) {
     }
 }
 both_backends!(concurrent_posts_and_follows);
+
+/// Users following each other in both directions at the same moment (the load runner's set-up
+/// does this by the thousand): every follow and unfollow succeeds — no deadlock between the two
+/// transactions' counter updates — and the counters end exact.
+async fn mutual_follows_at_once_do_not_deadlock(backend: Backend) {
+    let stack = std::sync::Arc::new(Stack::start(Options::new(backend)).await);
+    let n = 8usize;
+    let mut users = Vec::new();
+    for i in 0..n {
+        users.push(stack.register(&format!("mutual_{i}")).await);
+    }
+    let both_ways = |method: Method| {
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            for j in 0..n {
+                if i == j {
+                    continue;
+                }
+                let (stack, method) = (stack.clone(), method.clone());
+                let (a, b) = (users[i].clone(), users[j].clone());
+                tasks.push(tokio::spawn(async move {
+                    let path = format!("/v1/users/{}/follows/{}", a.id, b.id);
+                    let (status, body) = stack.call(method, &path, Some(&a.token), None).await;
+                    (status, body)
+                }));
+            }
+        }
+        tasks
+    };
+    for (method, expected) in [(Method::POST, n as i64 - 1), (Method::DELETE, 0)] {
+        for t in both_ways(method.clone()) {
+            let (status, body) = t.await.expect("task");
+            assert_eq!(status, StatusCode::NO_CONTENT, "{method}: {body}");
+        }
+        for u in &users {
+            let path = format!("/v1/users/{}", u.id);
+            let (status, view) = stack.call(Method::GET, &path, Some(&u.token), None).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(view["follower_count"], expected, "{method} {}", u.handle);
+            assert_eq!(view["following_count"], expected, "{method} {}", u.handle);
+        }
+    }
+    match std::sync::Arc::try_unwrap(stack) {
+        Ok(stack) => stack.stop().await,
+        Err(_) => panic!("stack still shared"),
+    }
+}
+both_backends!(mutual_follows_at_once_do_not_deadlock);
