@@ -57,7 +57,16 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging(telemetry::LogFormat::Text);
+    // `loadlab up` hosts the services: their spans go to the endpoint the standard variable
+    // names (the embedded receiver under `loadlab demo`); every other command exports nothing.
+    let otel = telemetry::OtelArgs {
+        otlp_endpoint: std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok(),
+        trace_sample_ratio: std::env::var("LOADLAB_TRACE_SAMPLE_RATIO")
+            .ok()
+            .and_then(|r| r.parse().ok()),
+        loadtest_run: std::env::var("LOADLAB_LOADTEST_RUN").ok(),
+    };
+    telemetry::init(telemetry::LogFormat::Text, &otel);
     match execute(cli.command).await {
         Ok(code) => code,
         Err(e) => {

@@ -232,6 +232,7 @@ async fn drive<I: Iteration>(
         progress.clone(),
         collector_stop.clone(),
     ));
+    let tracing = crate::tracing_client::for_run(spec);
     let execution =
         executor::execute(&spec.executor, workload, registry.clone(), pacing, stop).await;
     collector_stop.trigger();
@@ -240,9 +241,12 @@ async fn drive<I: Iteration>(
     progress.finish_and_clear();
     let ended_at = chrono::Utc::now();
     let collected = std::mem::take(&mut *lock(&collected));
-    let summary = summarize(
+    let mut summary = summarize(
         spec, opts, &registry, collected, started_at, ended_at, &execution,
     );
+    if let Some(tracing) = tracing {
+        summary.traces = tracing.complete(&registry.endpoint_names()).await;
+    }
     write_report(&summary, opts)?;
     let exit_code = if summary.run.verdict == Verdict::Pass {
         0
@@ -645,6 +649,7 @@ fn summarize(
         server: ServerStats {
             source: "proc".into(),
             services,
+            spans: Vec::new(),
         },
         traces: Vec::new(),
     }
@@ -843,7 +848,7 @@ fn from_metric(
     }
 }
 
-fn write_report(summary: &Summary, opts: &RunOptions) -> Result<(), RunError> {
+pub(crate) fn write_report(summary: &Summary, opts: &RunOptions) -> Result<(), RunError> {
     let io = |path: PathBuf| {
         move |source| RunError::Report {
             path: path.clone(),
