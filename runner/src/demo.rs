@@ -116,6 +116,12 @@ impl StackProcess {
             // The services export spans and metrics to the demo's embedded receiver; sampling
             // follows the generator's traceparent.
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint)
+            // Requests carry the generator's decision; work without a traceparent (fan-out
+            // of unsampled posts, heartbeats, sweeps) is traced only when linked to a sampled
+            // trace.
+            .env("LOADLAB_TRACE_SAMPLE_RATIO", "0")
+            // A short run wants more than the default one point per 5 s of server figures.
+            .env("OTEL_METRIC_EXPORT_INTERVAL", "1000")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

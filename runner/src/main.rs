@@ -47,6 +47,13 @@ enum Command {
     /// Run a load test from this machine (`-f loadtest.yaml` or flags). Exit code 99 when a
     /// threshold fails.
     Run(Box<RunArgs>),
+    /// A local OTLP/gRPC receiver (traces + metrics) for services run by hand: point their
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` at it; Ctrl-C prints what arrived per service and span.
+    Receive {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:4317")]
+        listen: std::net::SocketAddr,
+    },
     /// Print the summary of a finished run and re-render its index.html.
     Report {
         /// The report directory (holding summary.json).
@@ -114,6 +121,26 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
             };
             let outcome = run::run(&spec, &opts, stop).await?;
             finish(&outcome.summary, &args.out, outcome.exit_code)
+        }
+        Command::Receive { listen } => {
+            let receiver = loadlab::otlp::Receiver::start(listen).await?;
+            println!("OTLP/gRPC receiver at {}", receiver.endpoint());
+            stop.wait().await;
+            let spans = receiver.received().spans();
+            println!(
+                "{} spans received ({} dropped); metrics from {:?}",
+                spans.len(),
+                receiver.received().dropped_spans(),
+                receiver.received().metric_services()
+            );
+            for row in loadlab::otlp::report::span_breakdown(&spans) {
+                println!(
+                    "{:<14} {:<48} {:>8} p50 {:>8.2} ms  p99 {:>8.2} ms",
+                    row.service, row.name, row.count, row.p50_ms, row.p99_ms
+                );
+            }
+            receiver.stop().await;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Report { dir } => {
             let path = dir.join("summary.json");

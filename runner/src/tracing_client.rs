@@ -184,6 +184,35 @@ impl ClientTracing {
         }
     }
 
+    /// The `traceparent` of one message sent over an open connection (a chat `send` frame):
+    /// sampled per message like requests; a sampled one gets a producer span of its own.
+    pub fn message_traceparent(&self, name: &'static str) -> String {
+        let mut rng = rand::rng();
+        let sampled =
+            self.settings.sample_ratio > 0.0 && rng.random::<f64>() < self.settings.sample_ratio;
+        let (trace_id, span_id) = match (&self.tracer, sampled) {
+            (Some(tracer), true) => {
+                let mut span = tracer
+                    .span_builder(name)
+                    .with_kind(SpanKind::Producer)
+                    .start(tracer);
+                let sc = span.span_context().clone();
+                span.end();
+                (
+                    u128::from_be_bytes(sc.trace_id().to_bytes()),
+                    u64::from_be_bytes(sc.span_id().to_bytes()),
+                )
+            }
+            _ => (rng.random::<u128>().max(1), rng.random::<u64>().max(1)),
+        };
+        loadlab_kit::telemetry::propagation::TraceParent {
+            trace_id,
+            span_id,
+            sampled,
+        }
+        .to_string()
+    }
+
     /// Ends a request's trace: closes its span with the outcome and keeps it among the
     /// interval's slowest when it was sampled.
     pub fn finish(

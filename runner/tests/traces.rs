@@ -8,8 +8,8 @@
 //! * A post's fan-out batch links to the post's trace.
 //! * A chat message delivered by another gateway replica links to the sender's trace.
 //!
-//! The subscriber is process-wide, so both tests install the same one (nextest runs each in
-//! its own process).
+//! The subscriber is process-wide: both tests install the same one (nextest runs each in its
+//! own process; under `cargo test` they take turns).
 
 use std::time::Duration;
 
@@ -49,6 +49,10 @@ struct Setup {
     waiter: tokio::task::JoinHandle<()>,
     http: reqwest::Client,
 }
+
+/// Under `cargo test` both tests share a process, hence the trace pipeline: they take turns
+/// (each stack registers its services' exporters anew, pointed at its own receiver).
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Receiver, subscriber and the embedded stack on PostgreSQL + Redis, exporting to it.
 async fn setup() -> Setup {
@@ -220,6 +224,7 @@ async fn traced_request(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_home_timeline_read_is_one_trace_and_fan_out_links_to_the_post() {
+    let _turn = TURN.lock().await;
     let s = setup().await;
     let (feed, _, _) = s.stack_urls.clone();
     let (author_id, author_token) = user(&s.http, &feed, "trace_author").await;
@@ -404,8 +409,29 @@ async fn a_home_timeline_read_is_one_trace_and_fan_out_links_to_the_post() {
         "{batch_trace:#?}"
     );
 
+    // Shutdown flushes every service's metrics: RED per route, fan-out lag, and the process
+    // figures the report shows per service.
     s.shutdown.trigger();
     let _ = tokio::time::timeout(Duration::from_secs(15), s.waiter).await;
+    for service in ["feed", "timeline", "chat-gateway", "presence"] {
+        for metric in [
+            "http.server.request.duration",
+            "process.cpu.time",
+            "process.memory.usage",
+            "process.network.io",
+        ] {
+            assert!(
+                received.has_metric(service, metric),
+                "{service} exported no {metric}"
+            );
+        }
+    }
+    assert!(received.has_metric("feed", "fanout.lag"));
+    assert!(
+        !received
+            .points("feed", loadlab::otlp::ProcessMetric::MemoryBytes)
+            .is_empty()
+    );
     s.receiver.stop().await;
 }
 
@@ -439,6 +465,7 @@ async fn until(ws: &mut Ws, kind: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chat_delivery_on_another_replica_links_to_the_senders_trace() {
+    let _turn = TURN.lock().await;
     let s = setup().await;
     let (feed, _, chat_a) = s.stack_urls.clone();
     // A second gateway replica on the same Redis and database.
@@ -583,5 +610,8 @@ async fn a_chat_delivery_on_another_replica_links_to_the_senders_trace() {
     s.shutdown.trigger();
     let _ = tokio::time::timeout(Duration::from_secs(15), replica).await;
     let _ = tokio::time::timeout(Duration::from_secs(15), s.waiter).await;
+    // Flushed at shutdown: the gateways' WebSocket and delivery metrics.
+    assert!(received.has_metric("chat-gateway", "chat.websocket.connections"));
+    assert!(received.has_metric("chat-gateway", "chat.messages.delivered"));
     s.receiver.stop().await;
 }

@@ -104,6 +104,8 @@ struct Store {
     points: Vec<(String, ProcessMetric, MetricPoint)>,
     /// Names of every metric received, per service (for tests and diagnostics).
     metric_names: Vec<(String, String)>,
+    /// The process each service runs in (from `service.instance.id`), in first-seen order.
+    processes: Vec<(String, String)>,
 }
 
 /// The received telemetry, shared between the gRPC services and readers.
@@ -162,6 +164,17 @@ impl Received {
             }
         }
         out
+    }
+
+    /// The process `service` runs in: its `service.instance.id` without the trailing
+    /// `:<service>` the kit appends (services of one process share it); the service name
+    /// itself when unknown.
+    pub fn process_of(&self, service: &str) -> String {
+        self.lock()
+            .processes
+            .iter()
+            .find(|(s, _)| s == service)
+            .map_or_else(|| service.to_owned(), |(_, p)| p.clone())
     }
 
     /// Whether `service` has sent a metric named `name`.
@@ -230,7 +243,22 @@ impl Received {
     fn add_metrics(&self, request: ExportMetricsServiceRequest) {
         let mut store = self.lock();
         for rm in request.resource_metrics {
-            let service = service_name(rm.resource.as_ref().map(|r| r.attributes.as_slice()));
+            let attributes = rm.resource.as_ref().map(|r| r.attributes.as_slice());
+            let service = service_name(attributes);
+            if !store.processes.iter().any(|(s, _)| *s == service) {
+                let instance = attributes
+                    .unwrap_or_default()
+                    .iter()
+                    .find(|kv| kv.key == "service.instance.id")
+                    .map(|kv| render(kv.value.as_ref()));
+                let process = match instance {
+                    Some(i) => i
+                        .strip_suffix(&format!(":{service}"))
+                        .map_or(i.clone(), str::to_owned),
+                    None => service.clone(),
+                };
+                store.processes.push((service.clone(), process));
+            }
             for sm in rm.scope_metrics {
                 for m in sm.metrics {
                     if !store

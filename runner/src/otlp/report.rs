@@ -14,10 +14,10 @@ pub fn enrich(summary: &mut Summary, received: &Received) {
         return;
     };
     summary.server.spans = span_breakdown(&within(received.spans(), from, to));
-    // Metric points arrive once per export interval: widen the window by one so that the
-    // first and last intervals of the run have both ends.
-    let slack = METRIC_SLACK_NS;
-    let services = server_stats(received, from.saturating_sub(slack), to + slack);
+    // Metric points arrive once per export interval: the interval that ends after the load
+    // (often the final flush at shutdown) still describes it; the one before the load would
+    // describe set-up, so the window is widened at the end only.
+    let services = server_stats(received, from, to + METRIC_SLACK_NS);
     if !services.is_empty() {
         let had_proc = !summary.server.services.is_empty();
         let mut all = services;
@@ -91,30 +91,52 @@ pub fn within(spans: Vec<ReceivedSpan>, from: u64, to: u64) -> Vec<ReceivedSpan>
 
 /// Per-service CPU (cores), peak memory and network from the exported process metrics,
 /// between `from` and `to` (Unix nanoseconds); points are placed relative to `from`.
+/// Services that share a process (`loadlab up`) report the same process figures: they form
+/// one row, named after all of them, rather than repeating the process once per service.
 pub fn server_stats(received: &Received, from: u64, to: u64) -> Vec<ServiceStats> {
-    received
-        .metric_services()
+    let mut processes: Vec<(String, Vec<String>)> = Vec::new();
+    for service in received.metric_services() {
+        let process = received.process_of(&service);
+        match processes.iter_mut().find(|(p, _)| *p == process) {
+            Some((_, services)) => services.push(service),
+            None => processes.push((process, vec![service])),
+        }
+    }
+    processes
         .into_iter()
-        .filter_map(|service| {
-            let pick = |m| -> Vec<MetricPoint> {
-                let mut p: Vec<MetricPoint> = received
-                    .points(&service, m)
-                    .into_iter()
-                    .filter(|p| p.time_unix_nano >= from && p.time_unix_nano <= to)
-                    .collect();
-                p.sort_by_key(|p| p.time_unix_nano);
-                p
-            };
-            let cpu = pick(ProcessMetric::CpuSeconds);
-            let mem = pick(ProcessMetric::MemoryBytes);
-            let rx = pick(ProcessMetric::NetRxBytes);
-            let tx = pick(ProcessMetric::NetTxBytes);
-            if cpu.is_empty() && mem.is_empty() {
-                return None;
-            }
-            Some(service_stats(service, from, &cpu, &mem, &rx, &tx))
+        .filter_map(|(_, services)| {
+            let mut stats = process_stats(received, &services[0], from, to)?;
+            stats.name = services.join(" + ");
+            Some(stats)
         })
         .collect()
+}
+
+fn process_stats(received: &Received, service: &str, from: u64, to: u64) -> Option<ServiceStats> {
+    let pick = |m| -> Vec<MetricPoint> {
+        let mut p: Vec<MetricPoint> = received
+            .points(service, m)
+            .into_iter()
+            .filter(|p| p.time_unix_nano >= from && p.time_unix_nano <= to)
+            .collect();
+        p.sort_by_key(|p| p.time_unix_nano);
+        p
+    };
+    let cpu = pick(ProcessMetric::CpuSeconds);
+    let mem = pick(ProcessMetric::MemoryBytes);
+    let rx = pick(ProcessMetric::NetRxBytes);
+    let tx = pick(ProcessMetric::NetTxBytes);
+    if cpu.is_empty() && mem.is_empty() {
+        return None;
+    }
+    Some(service_stats(
+        service.to_owned(),
+        from,
+        &cpu,
+        &mem,
+        &rx,
+        &tx,
+    ))
 }
 
 fn service_stats(

@@ -66,9 +66,11 @@ impl tower::Service<http::Request<tonic::body::Body>> for TracedChannel {
     }
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
-        let span = if tracing::Span::current().is_none() {
-            // No caller span (telemetry off, or a call outside any traced work): a client span
-            // would start a trace of its own per call.
+        let span = if !crate::telemetry::propagation::current_is_sampled() {
+            // No sampled caller: no client span (outside traced work it would start a trace
+            // per call). The caller's context still travels, so an unsampled request stays
+            // unsampled downstream instead of being sampled anew by the peer.
+            crate::telemetry::propagation::inject(&tracing::Span::current(), request.headers_mut());
             tracing::Span::none()
         } else {
             let full = request.uri().path().trim_start_matches('/');
@@ -85,7 +87,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for TracedChannel {
                 otel.status_code = tracing::field::Empty,
             )
         };
-        crate::telemetry::propagation::inject(&span, request.headers_mut());
+        if !span.is_none() {
+            crate::telemetry::propagation::inject(&span, request.headers_mut());
+        }
         let call = tower::Service::call(&mut self.inner, request);
         let record = span.clone();
         Box::pin(

@@ -43,10 +43,11 @@ pub struct RedisSettings {
 }
 
 /// The client span of one engine operation (one Redis round trip, or a few for chunked ones),
-/// named `<what> <command>`. Only inside traced work: background loops (consumer reads, presence
-/// expiry) would otherwise start a trace per poll.
+/// named `<what> <command>`. Only inside sampled work: background loops (consumer reads, presence
+/// expiry) would otherwise start a trace per poll, and unsampled requests would pay for spans
+/// nobody sees.
 fn op_span(what: &'static str, command: &'static str) -> tracing::Span {
-    if tracing::Span::current().is_none() {
+    if !crate::telemetry::propagation::current_is_sampled() {
         return tracing::Span::none();
     }
     tracing::info_span!(

@@ -322,3 +322,70 @@ pub fn resource(service: &'static str, version: &'static str, otel: &OtelArgs) -
     }
     builder.build()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_without_an_endpoint_and_values_are_checked() {
+        assert!(!OtelArgs::default().enabled());
+        assert!(!OtelArgs::with_endpoint("  ").enabled());
+        assert!(
+            OtelArgs::with_endpoint("http://127.0.0.1:4317")
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            OtelArgs::with_endpoint("127.0.0.1:4317")
+                .validate()
+                .is_err()
+        );
+        let ratio = OtelArgs {
+            trace_sample_ratio: Some(1.5),
+            ..OtelArgs::default()
+        };
+        let err = ratio.validate().expect_err("out of range");
+        assert!(err.to_string().contains("LOADLAB_TRACE_SAMPLE_RATIO"));
+    }
+
+    #[tokio::test]
+    async fn a_service_without_an_endpoint_gets_no_exporter() {
+        let t = Telemetry::start("feed", "0.1.0", &OtelArgs::default()).expect("start");
+        assert!(!t.exporting());
+        assert_eq!(t.service(), "feed");
+        // Recording on the no-op meter is allowed and does nothing.
+        t.meter().u64_counter("x").build().add(1, &[]);
+        tokio::time::timeout(Duration::from_secs(1), t.shutdown(FLUSH_LIMIT))
+            .await
+            .expect("no flush to wait for");
+    }
+
+    #[test]
+    fn the_resource_names_the_service_and_its_pod() {
+        let r = resource(
+            "timeline",
+            "9.9.9",
+            &OtelArgs {
+                loadtest_run: Some("feed-mixed-2k".into()),
+                ..OtelArgs::default()
+            },
+        );
+        let get = |k: &'static str| r.get(&opentelemetry::Key::from_static_str(k));
+        if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+            assert_eq!(
+                get("service.name").map(|v| v.to_string()).as_deref(),
+                Some("timeline")
+            );
+        }
+        assert_eq!(
+            get("service.version").map(|v| v.to_string()).as_deref(),
+            Some("9.9.9")
+        );
+        assert_eq!(
+            get("loadtest.run").map(|v| v.to_string()).as_deref(),
+            Some("feed-mixed-2k")
+        );
+        assert!(get("service.instance.id").is_some_and(|v| v.to_string().ends_with(":timeline")));
+    }
+}

@@ -260,3 +260,107 @@ impl SpanExporter for RoutingExporter {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags};
+
+    use super::*;
+
+    fn link(sampled: bool) -> Link {
+        let flags = if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        Link::with_context(SpanContext::new(
+            TraceId::from_bytes([7; 16]),
+            SpanId::from_bytes([3; 8]),
+            flags,
+            true,
+            TraceState::default(),
+        ))
+    }
+
+    fn decide(sampler: &LinkAware, parent: Option<&Context>, links: &[Link]) -> SamplingDecision {
+        sampler
+            .should_sample(
+                parent,
+                TraceId::from_bytes([9; 16]),
+                "fanout.batch",
+                &SpanKind::Consumer,
+                &[],
+                links,
+            )
+            .decision
+    }
+
+    #[test]
+    fn a_root_linked_to_a_sampled_trace_is_sampled() {
+        let never = LinkAware(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)));
+        assert_eq!(
+            decide(&never, None, &[link(false), link(true)]),
+            SamplingDecision::RecordAndSample
+        );
+        assert_eq!(decide(&never, None, &[link(false)]), SamplingDecision::Drop);
+        assert_eq!(decide(&never, None, &[]), SamplingDecision::Drop);
+        // A span with a parent follows the parent, links or not.
+        let parent = Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from_bytes([1; 16]),
+            SpanId::from_bytes([1; 8]),
+            TraceFlags::default(),
+            true,
+            TraceState::default(),
+        ));
+        assert_eq!(
+            decide(&never, Some(&parent), &[link(true)]),
+            SamplingDecision::Drop
+        );
+    }
+
+    #[test]
+    fn the_flag_ratio_wins_and_is_parent_based() {
+        let otel = OtelArgs {
+            trace_sample_ratio: Some(0.0),
+            ..OtelArgs::default()
+        };
+        let s = LinkAware(sampler(&otel));
+        assert_eq!(decide(&s, None, &[]), SamplingDecision::Drop);
+        let sampled_parent = Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from_bytes([1; 16]),
+            SpanId::from_bytes([1; 8]),
+            TraceFlags::SAMPLED,
+            true,
+            TraceState::default(),
+        ));
+        assert_eq!(
+            decide(&s, Some(&sampled_parent), &[]),
+            SamplingDecision::RecordAndSample
+        );
+    }
+
+    #[test]
+    fn the_service_tag_is_taken_off_before_export() {
+        let mut span = SpanData {
+            span_context: SpanContext::empty_context(),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Server,
+            name: "x".into(),
+            start_time: std::time::SystemTime::now(),
+            end_time: std::time::SystemTime::now(),
+            attributes: vec![
+                KeyValue::new("http.route", "/x"),
+                KeyValue::new(SERVICE_KEY, "feed"),
+            ],
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: opentelemetry::trace::Status::Unset,
+            instrumentation_scope: Default::default(),
+        };
+        assert_eq!(take_service(&mut span).as_deref(), Some("feed"));
+        assert_eq!(span.attributes, vec![KeyValue::new("http.route", "/x")]);
+        assert_eq!(take_service(&mut span), None);
+    }
+}

@@ -52,6 +52,15 @@ pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
     }
 }
 
+/// Whether the current span belongs to a sampled trace. Client spans (Redis, gRPC) are only
+/// created under a sampled parent: an unsampled request then costs one span per service hop,
+/// not one per operation, which is most of what tracing costs a read at low sampling ratios.
+/// False when telemetry is off.
+pub fn current_is_sampled() -> bool {
+    let current = tracing::Span::current();
+    !current.is_none() && current.context().span().span_context().is_sampled()
+}
+
 /// A span's identity, small enough to travel with a queued job or a published message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TraceParent {
