@@ -154,7 +154,7 @@ label = sys.argv[3]; hz = float(sys.argv[5])
 ticks = [float(x) for x in sys.argv[6:12]]
 secs = s["run"]["duration_s"]
 recv, sent = v("ws_msgs_received", "count"), v("ws_msgs_sent", "count")
-u, sy, w = map(float, open(sys.argv[2]).read().split())
+u, sy, w = map(float, open(sys.argv[2]).read().split()[-3:])  # GNU time may print "Command exited with …" first
 batch = sys.argv[12].split("/") if sys.argv[12] else []
 avg_batch = (float(batch[0]) / float(batch[1])) if len(batch) == 2 and float(batch[1]) else 0
 rate = recv / secs if secs else 0

@@ -161,7 +161,7 @@ YAML
 import json, sys
 s = json.load(open(sys.argv[1]))
 m = s["metrics"]; d = m["http_req_duration"]["values"]
-u, sy, wall = map(float, open(sys.argv[4]).read().split())
+u, sy, wall = map(float, open(sys.argv[4]).read().split()[-3:])  # GNU time may print "Command exited with …" first
 print(f"[{sys.argv[2]}] read at {sys.argv[3]} req/s (loadlab): p50 {d['med']:.2f} ms, p95 {d['p(95)']:.2f} ms, p99 {d['p(99)']:.2f} ms (target <= 25), "
       f"achieved {m['http_reqs']['values']['rate']:.0f} req/s, failed {m['http_req_failed']['values']['rate']*100:.2f}%, dropped {m['dropped_iterations']['values']['count']:.0f}; "
       f"generator {'SATURATED' if s['run']['generator']['saturated'] else 'ok'}")

@@ -90,7 +90,7 @@ struct StackProcess {
 }
 
 impl StackProcess {
-    async fn start() -> Result<StackProcess, DemoError> {
+    async fn start(otlp_endpoint: &str) -> Result<StackProcess, DemoError> {
         let exe = std::env::current_exe().map_err(|e| DemoError::Stack(e.to_string()))?;
         let dir = std::env::temp_dir().join(format!("loadlab-demo-{}", std::process::id()));
         std::fs::create_dir_all(&dir)
@@ -113,6 +113,15 @@ impl StackProcess {
                 "--service-flag=--celebrity-threshold=100",
             ])
             .env("LOADLAB_LOG", "warn")
+            // The services export spans and metrics to the demo's embedded receiver; sampling
+            // follows the generator's traceparent.
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint)
+            // Requests carry the generator's decision; work without a traceparent (fan-out
+            // of unsampled posts, heartbeats, sweeps) is traced only when linked to a sampled
+            // trace.
+            .env("LOADLAB_TRACE_SAMPLE_RATIO", "0")
+            // A short run wants more than the default one point per 5 s of server figures.
+            .env("OTEL_METRIC_EXPORT_INTERVAL", "1000")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -186,6 +195,9 @@ impl StackProcess {
     }
 }
 
+/// Fraction of the demo's requests traced end to end.
+pub const DEMO_SAMPLE_RATIO: f64 = 0.05;
+
 /// Runs the demo; the report goes to `out_dir`.
 pub async fn demo(
     out_dir: PathBuf,
@@ -194,13 +206,21 @@ pub async fn demo(
     stop: Shutdown,
 ) -> Result<RunOutcome, DemoError> {
     println!("starting the embedded stack (memory engine, SQLite) …");
-    let stack = StackProcess::start().await?;
+    let receiver = crate::otlp::Receiver::start(([127, 0, 0, 1], 0).into())
+        .await
+        .map_err(|e| DemoError::Stack(format!("OTLP receiver: {e}")))?;
+    let stack = StackProcess::start(&receiver.endpoint()).await?;
     println!(
         "feed is at {}; seeding and running feed-mixed for {}s",
         stack.feed_url,
         duration.as_secs()
     );
-    let spec = demo_spec(&stack.feed_url, duration);
+    let mut spec = demo_spec(&stack.feed_url, duration);
+    spec.tracing = Some(crate::spec::TracingSpec {
+        sample_ratio: DEMO_SAMPLE_RATIO,
+        otlp_endpoint: Some(receiver.endpoint()),
+        jaeger_url: None,
+    });
     let pid = stack.child.id().unwrap_or(0);
     let opts = RunOptions {
         out_dir,
@@ -210,6 +230,11 @@ pub async fn demo(
         insecure_skip_verify: false,
     };
     let outcome = run::run(&spec, &opts, stop).await;
+    // Stopping the stack flushes its last spans and metrics to the receiver.
     stack.stop().await;
-    Ok(outcome?)
+    let mut outcome = outcome?;
+    crate::otlp::report::enrich(&mut outcome.summary, receiver.received());
+    receiver.stop().await;
+    run::write_report(&outcome.summary, &opts)?;
+    Ok(outcome)
 }

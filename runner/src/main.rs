@@ -58,6 +58,13 @@ enum Command {
     /// Generate one shard of a distributed run's load (a pod entrypoint) for the coordinator
     /// at --coordinator. Stops its load and exits non-zero when it loses the coordinator.
     Worker(WorkerArgs),
+    /// A local OTLP/gRPC receiver (traces + metrics) for services run by hand: point their
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` at it; Ctrl-C prints what arrived per service and span.
+    Receive {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:4317")]
+        listen: std::net::SocketAddr,
+    },
     /// Print the summary of a finished run and re-render its index.html.
     Report {
         /// The report directory (holding summary.json).
@@ -68,7 +75,16 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging(telemetry::LogFormat::Text);
+    // `loadlab up` hosts the services: their spans go to the endpoint the standard variable
+    // names (the embedded receiver under `loadlab demo`); every other command exports nothing.
+    let otel = telemetry::OtelArgs {
+        otlp_endpoint: std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok(),
+        trace_sample_ratio: std::env::var("LOADLAB_TRACE_SAMPLE_RATIO")
+            .ok()
+            .and_then(|r| r.parse().ok()),
+        loadtest_run: std::env::var("LOADLAB_LOADTEST_RUN").ok(),
+    };
+    telemetry::init(telemetry::LogFormat::Text, &otel);
     match execute(cli.command).await {
         Ok(code) => code,
         Err(e) => {
@@ -170,6 +186,26 @@ async fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 stopped_early = outcome.stopped_early,
                 "worker done"
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Receive { listen } => {
+            let receiver = loadlab::otlp::Receiver::start(listen).await?;
+            println!("OTLP/gRPC receiver at {}", receiver.endpoint());
+            stop.wait().await;
+            let spans = receiver.received().spans();
+            println!(
+                "{} spans received ({} dropped); metrics from {:?}",
+                spans.len(),
+                receiver.received().dropped_spans(),
+                receiver.received().metric_services()
+            );
+            for row in loadlab::otlp::report::span_breakdown(&spans) {
+                println!(
+                    "{:<14} {:<48} {:>8} p50 {:>8.2} ms  p99 {:>8.2} ms",
+                    row.service, row.name, row.count, row.p50_ms, row.p99_ms
+                );
+            }
+            receiver.stop().await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { dir } => {

@@ -358,6 +358,16 @@ impl Registry {
         EndpointId((names.len() - 1).min(u16::MAX as usize) as u16)
     }
 
+    /// The name of one endpoint (empty if unknown).
+    pub fn endpoint_name(&self, id: EndpointId) -> String {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(usize::from(id.0))
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// The endpoint names, indexed by [`EndpointId`].
     pub fn endpoint_names(&self) -> Vec<String> {
         self.endpoints

@@ -420,6 +420,7 @@ async fn drive<I: Iteration>(
         progress.clone(),
         collector_stop.clone(),
     ));
+    let tracing = crate::tracing_client::for_run(spec);
     let execution =
         executor::execute(&spec.executor, workload, registry.clone(), pacing, stop).await;
     collector_stop.trigger();
@@ -428,7 +429,7 @@ async fn drive<I: Iteration>(
     progress.finish_and_clear();
     let ended_at = chrono::Utc::now();
     let collected = std::mem::take(&mut *lock(&collected));
-    let summary = summarize(
+    let mut summary = summarize(
         spec,
         opts,
         &registry.endpoint_names(),
@@ -438,6 +439,9 @@ async fn drive<I: Iteration>(
         ended_at,
         &execution,
     );
+    if let Some(tracing) = tracing {
+        summary.traces = tracing.complete(&registry.endpoint_names()).await;
+    }
     finish(summary, opts)
 }
 
@@ -833,6 +837,7 @@ pub(crate) fn summarize(
         server: ServerStats {
             source: "proc".into(),
             services,
+            spans: Vec::new(),
         },
         traces: Vec::new(),
     }
@@ -1031,7 +1036,7 @@ fn from_metric(
     }
 }
 
-fn write_report(summary: &Summary, opts: &RunOptions) -> Result<(), RunError> {
+pub(crate) fn write_report(summary: &Summary, opts: &RunOptions) -> Result<(), RunError> {
     let io = |path: PathBuf| {
         move |source| RunError::Report {
             path: path.clone(),

@@ -264,6 +264,30 @@ pub struct ServerStats {
     pub source: String,
     /// Services.
     pub services: Vec<ServiceStats>,
+    /// Per-service span breakdown from traces (when tracing is on), slowest p99 first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spans: Vec<SpanStats>,
+}
+
+/// Latency of one span name of one service over the run's sampled traces.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpanStats {
+    /// Service (resource `service.name`).
+    pub service: String,
+    /// Span name, e.g. `GET /v1/users/{id}/timeline`.
+    pub name: String,
+    /// Spans seen.
+    pub count: u64,
+    /// Median duration, ms.
+    pub p50_ms: f64,
+    /// 95th percentile, ms.
+    pub p95_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Longest, ms.
+    pub max_ms: f64,
+    /// Spans with error status.
+    pub errors: u64,
 }
 
 /// One service's resource use over the run.

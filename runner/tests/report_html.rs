@@ -205,6 +205,7 @@ fn realistic_summary() -> Summary {
         server: ServerStats {
             source: "proc".into(),
             services: vec![service("feed", 1.6, 180), service("timeline", 0.9, 95)],
+            spans: Vec::new(),
         },
         traces: vec![
             TraceRef {

@@ -120,6 +120,16 @@ pub fn summary() -> Summary {
         server: ServerStats {
             source: "proc".into(),
             services: vec![service],
+            spans: vec![crate::summary::SpanStats {
+                service: "timeline".into(),
+                name: "loadlab.timeline.v1.TimelineService/Get".into(),
+                count: 120,
+                p50_ms: 1.2,
+                p95_ms: 4.5,
+                p99_ms: 9.75,
+                max_ms: 21.0,
+                errors: 1,
+            }],
         },
         traces: vec![TraceRef {
             t: 3.0,

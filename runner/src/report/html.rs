@@ -52,6 +52,7 @@ fn write_document(out: &mut String, s: &Summary) -> fmt::Result {
     tables::write_endpoints(out, s)?;
     tables::write_metrics(out, s)?;
     tables::write_services(out, s)?;
+    tables::write_spans(out, s)?;
     tables::write_traces(out, s)?;
     write!(
         out,

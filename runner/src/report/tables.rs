@@ -213,6 +213,39 @@ pub(super) fn write_services(out: &mut String, s: &Summary) -> fmt::Result {
     Ok(())
 }
 
+/// The per-service span breakdown of the sampled traces, slowest p99 first.
+pub(super) fn write_spans(out: &mut String, s: &Summary) -> fmt::Result {
+    if s.server.spans.is_empty() {
+        return Ok(());
+    }
+    out.push_str(
+        r#"<section id="spans">
+<h2>Where the time goes (sampled traces)</h2>
+<div class="table-wrap"><table class="spans"><thead><tr><th>service</th><th>span</th><th class="num">count</th><th class="num">p50</th><th class="num">p95</th><th class="num">p99</th><th class="num">max</th><th class="num">errors</th></tr></thead><tbody>
+"#,
+    );
+    for row in &s.server.spans {
+        writeln!(
+            out,
+            r#"<tr><td>{service}</td><td><code>{name}</code></td><td class="num">{count}</td><td class="num">{p50}</td><td class="num">{p95}</td><td class="num">{p99}</td><td class="num">{max}</td><td class="num">{errors}</td></tr>"#,
+            service = Escape(&row.service),
+            name = Escape(&row.name),
+            count = row.count,
+            p50 = format::ms(row.p50_ms),
+            p95 = format::ms(row.p95_ms),
+            p99 = format::ms(row.p99_ms),
+            max = format::ms(row.max_ms),
+            errors = row.errors,
+        )?;
+    }
+    out.push_str(
+        "</tbody></table></div>
+</section>
+",
+    );
+    Ok(())
+}
+
 pub(super) fn write_traces(out: &mut String, s: &Summary) -> fmt::Result {
     out.push_str("<section id=\"traces\">\n<h2>Slowest traces</h2>\n");
     if s.traces.is_empty() {
@@ -259,6 +292,16 @@ mod tests {
     use super::*;
     use crate::report::fixture::summary;
     use crate::report::html::render;
+
+    #[test]
+    fn span_breakdown_is_a_table_only_when_there_are_spans() {
+        let html = render(&summary());
+        assert!(html.contains(r#"<section id="spans">"#));
+        assert!(html.contains("<code>loadlab.timeline.v1.TimelineService/Get</code>"));
+        let mut s = summary();
+        s.server.spans.clear();
+        assert!(!render(&s).contains(r#"<section id="spans">"#));
+    }
 
     #[test]
     fn failing_threshold_is_styled_failed() {

@@ -236,12 +236,17 @@ impl Iteration for ChatWorkload {
                 () = tokio::time::sleep_until(end) => break,
                 _ = ticker.tick() => {
                     vu.seq += 1;
-                    let frame = serde_json::json!({
+                    let mut frame = serde_json::json!({
                         "type": "send",
                         "channel": channel,
                         "client_msg_id": format!("{}-{}-{}", vu.id, started.elapsed().as_micros(), vu.seq),
                         "body": format!("t={} vu={}", unix_nanos(), vu.id),
                     });
+                    // With request tracing on, a sampled send starts a trace that the gateway's
+                    // handling and every replica's delivery join.
+                    if let Some(tp) = crate::tracing_client::active().map(|t| t.message_traceparent("chat send")) {
+                        frame["traceparent"] = serde_json::Value::String(tp);
+                    }
                     if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
                         ok = false;
                         break;

@@ -41,6 +41,17 @@ pub async fn send_recorded(
     request: Request,
     queued: Duration,
 ) -> Result<Response, RequestError> {
+    let mut request = request;
+    let tracing = crate::tracing_client::active();
+    let trace = tracing.as_ref().map(|t| {
+        let uri = request.uri.clone();
+        // Names are looked up only for sampled requests (the lookup takes a lock).
+        t.start(
+            || recorder.registry().endpoint_name(endpoint),
+            || uri.to_string(),
+            &mut request.headers,
+        )
+    });
     let result = conn.send(request).await;
     let (sample, error) = match &result {
         Ok(r) => (
@@ -81,6 +92,9 @@ pub async fn send_recorded(
         ),
     };
     recorder.http(&sample, error);
+    if let (Some(tracing), Some(trace)) = (tracing, trace) {
+        tracing.finish(trace, endpoint, sample.status, sample.service);
+    }
     result
 }
 

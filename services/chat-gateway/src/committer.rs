@@ -8,9 +8,11 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use loadlab_kit::engine::PubSub;
+use loadlab_kit::telemetry::{self, propagation::TraceParent};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument as _;
 
 use crate::protocol::{ServerFrame, code};
 use crate::rooms::{Outbox, topic};
@@ -23,6 +25,8 @@ pub struct Pending {
     pub message: NewMessage,
     /// Where the ack (or error) goes.
     pub reply: Outbox,
+    /// The sender's span (the `send` frame's handling), carried to every replica's delivery.
+    pub trace: Option<TraceParent>,
 }
 
 /// Group-commit metrics.
@@ -92,16 +96,19 @@ impl Committer {
     ) -> (Committer, watch::Receiver<bool>) {
         let (tx, rx) = mpsc::channel(queue);
         let (drained_tx, drained_rx) = watch::channel(false);
-        tokio::spawn(async move {
+        tokio::spawn(telemetry::in_service(crate::SERVICE, async move {
             run(rx, store, pubsub, batch.max(1), metrics).await;
             let _ = drained_tx.send(true);
-        });
+        }));
         (Committer { tx }, drained_rx)
     }
 
     /// Queues a send; gives it back when the queue is full (the caller answers `overloaded`).
-    pub fn submit(&self, pending: Pending) -> Result<(), Pending> {
-        self.tx.try_send(pending).map_err(|e| e.into_inner())
+    pub fn submit(&self, pending: Pending) -> Result<(), Box<Pending>> {
+        // Boxed: refusals are rare, and a large `Err` would cost every successful call.
+        self.tx
+            .try_send(pending)
+            .map_err(|e| Box::new(e.into_inner()))
     }
 }
 
@@ -121,8 +128,51 @@ async fn run(
                 Err(_) => break,
             }
         }
-        commit(&store, pubsub.as_ref(), batch, &metrics).await;
+        // One trace per group commit (it serves many senders), linked to each sender's.
+        let span = tracing::info_span!("chat.commit", messaging.batch.message_count = batch.len());
+        for p in &batch {
+            if let Some(tp) = p.trace {
+                tp.link(&span);
+            }
+        }
+        commit(&store, pubsub.as_ref(), batch, &metrics)
+            .instrument(span)
+            .await;
     }
+}
+
+/// Prefix of a published chat payload that carries the sender's trace context:
+/// `tp:<traceparent>\n<frame JSON>`. Receivers strip it and hand the JSON on unchanged.
+pub const TRACE_PREFIX: &[u8] = b"tp:";
+
+/// The published payload: the frame, behind the sender's trace context when there is one.
+fn envelope(trace: Option<TraceParent>, frame: String) -> Bytes {
+    match trace {
+        Some(tp) => {
+            let tp = tp.to_string();
+            let mut out = Vec::with_capacity(TRACE_PREFIX.len() + tp.len() + 1 + frame.len());
+            out.extend_from_slice(TRACE_PREFIX);
+            out.extend_from_slice(tp.as_bytes());
+            out.push(b'\n');
+            out.extend_from_slice(frame.as_bytes());
+            Bytes::from(out)
+        }
+        None => Bytes::from(frame),
+    }
+}
+
+/// Splits a published payload into the sender's trace context (if any) and the frame JSON.
+pub fn open_envelope(payload: &Bytes) -> (Option<TraceParent>, Bytes) {
+    if let Some(rest) = payload.strip_prefix(TRACE_PREFIX)
+        && let Some(nl) = rest.iter().position(|b| *b == b'\n')
+    {
+        let tp = std::str::from_utf8(&rest[..nl])
+            .ok()
+            .and_then(|s| s.parse().ok());
+        let start = TRACE_PREFIX.len() + nl + 1;
+        return (tp, payload.slice(start..));
+    }
+    (None, payload.clone())
 }
 
 async fn commit(
@@ -157,7 +207,7 @@ async fn commit(
                         body: &m.body,
                         ts: &ts,
                     };
-                    publish.push((topic(m.channel), Bytes::from(frame.to_json())));
+                    publish.push((topic(m.channel), envelope(p.trace, frame.to_json())));
                 } else {
                     metrics.duplicates.inc();
                 }

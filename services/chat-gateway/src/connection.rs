@@ -1,9 +1,12 @@
 //! One WebSocket connection: a reader that parses and acts on client frames, and a writer that
 //! drains the connection's bounded outbound queue, pings, and closes with the right code.
 
+use loadlab_kit::telemetry::propagation::TraceParent;
+use opentelemetry::trace::TraceContextExt as _;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{SinkExt, StreamExt};
@@ -73,7 +76,7 @@ pub async fn serve(socket: WebSocket, user: Id, gateway: Arc<Gateway>) {
     let conn: ConnId = gateway.next_conn_id();
     let (outbox, queue) = Outbox::new(gateway.cfg.outbound_queue);
     let (sink, stream) = socket.split();
-    gateway.metrics.connections.inc();
+    gateway.metrics.connected();
     gateway.presence.connected(user);
     let writer = tokio::spawn(write_loop(sink, queue, outbox.clone(), gateway.clone()));
 
@@ -100,7 +103,7 @@ pub async fn serve(socket: WebSocket, user: Id, gateway: Arc<Gateway>) {
         outbox.close(close::NORMAL);
     }
     let _ = writer.await;
-    gateway.metrics.connections.dec();
+    gateway.metrics.disconnected();
 }
 
 async fn read_loop(
@@ -215,7 +218,27 @@ async fn read_loop(
                 channel,
                 client_msg_id,
                 body,
+                traceparent,
             } => {
+                // The handling of a send is one span, entered only for this synchronous
+                // branch (it never awaits): its context travels with the message to the
+                // committer and to every replica's delivery.
+                let span = tracing::info_span!(
+                    "chat.send",
+                    otel.kind = "server",
+                    chat.channel = channel.0,
+                    chat.sender = user.0,
+                    chat.message_id = tracing::field::Empty,
+                );
+                if let Some(tp) = traceparent
+                    .as_deref()
+                    .and_then(|t| t.parse::<TraceParent>().ok())
+                {
+                    let parent =
+                        opentelemetry::Context::new().with_remote_span_context(tp.span_context());
+                    let _ = span.set_parent(parent);
+                }
+                let _entered = span.enter();
                 let reference = Some(client_msg_id.as_str());
                 if client_msg_id.is_empty() || client_msg_id.chars().count() > 64 {
                     outbox.push_json(error_frame(
@@ -265,9 +288,12 @@ async fn read_loop(
                     ));
                     continue;
                 }
+                let id = gateway.ids.next_id();
+                span.record("chat.message_id", id.0);
                 let pending = Pending {
+                    trace: TraceParent::of(&span),
                     message: NewMessage {
-                        id: gateway.ids.next_id(),
+                        id,
                         channel,
                         sender: user,
                         client_msg_id,

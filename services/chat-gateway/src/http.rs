@@ -101,7 +101,10 @@ async fn upgrade(
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
         .on_upgrade(move |socket| {
             let tracker = gateway.tracker.clone();
-            tracker.track_future(crate::connection::serve(socket, user, gateway))
+            tracker.track_future(loadlab_kit::telemetry::in_service(
+                crate::SERVICE,
+                crate::connection::serve(socket, user, gateway),
+            ))
         })
 }
 

@@ -22,6 +22,7 @@ use loadlab_kit::engine::{Engine, EngineKind};
 use loadlab_kit::hub::Hub;
 use loadlab_kit::metrics::Metrics;
 use loadlab_kit::server::{self, Check, Limits, Parts, ServeError};
+use loadlab_kit::telemetry::{self, Telemetry};
 use loadlab_kit::{Id, Shutdown, Snowflake, db, grpc as kit_grpc};
 use loadlab_proto::presence::v1::presence_service_client::PresenceServiceClient;
 use prometheus_client::metrics::counter::Counter;
@@ -40,14 +41,45 @@ use crate::rooms::{ConnId, Outbox, Rooms};
 use crate::store::ChatStore;
 
 /// Gateway metrics.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct GatewayMetrics {
     connections: Gauge,
     frames_in: Counter,
     frames_out: Counter,
     slow_consumers: Counter,
     rate_limited: Counter,
+    /// Open WebSocket connections over OTLP (`chat.websocket.connections`).
+    otel_connections: opentelemetry::metrics::UpDownCounter<i64>,
 }
+
+impl GatewayMetrics {
+    fn new(meter: &opentelemetry::metrics::Meter) -> Self {
+        GatewayMetrics {
+            connections: Gauge::default(),
+            frames_in: Counter::default(),
+            frames_out: Counter::default(),
+            slow_consumers: Counter::default(),
+            rate_limited: Counter::default(),
+            otel_connections: meter
+                .i64_up_down_counter("chat.websocket.connections")
+                .with_description("Open WebSocket connections")
+                .build(),
+        }
+    }
+
+    fn connected(&self) {
+        self.connections.inc();
+        self.otel_connections.add(1, &[]);
+    }
+
+    fn disconnected(&self) {
+        self.connections.dec();
+        self.otel_connections.add(-1, &[]);
+    }
+}
+
+/// The service name in telemetry.
+pub const SERVICE: &str = "chat-gateway";
 
 /// Everything connections share.
 pub struct Gateway {
@@ -163,8 +195,9 @@ pub async fn serve_with(
         )
         .map_err(|e| ServeError::Setup(e.to_string()))?,
     );
-    let metrics = Metrics::new();
-    let gm = GatewayMetrics::default();
+    let telemetry = Telemetry::start(SERVICE, env!("CARGO_PKG_VERSION"), &cfg.common.otel)?;
+    let metrics = Metrics::with_telemetry(&telemetry);
+    let gm = GatewayMetrics::new(metrics.meter());
     metrics.register(
         "chat_connections",
         "Open WebSocket connections",
@@ -192,16 +225,16 @@ pub async fn serve_with(
     );
     let store = ChatStore::new(database.clone());
     let hub = Hub::new(engine.pubsub.as_ref()).await?;
-    let rooms = Arc::new(Rooms::new(hub));
-    let presence_client = PresenceServiceClient::new(kit_grpc::lazy_channel(
-        &cfg.presence_url,
-        cfg.common.request_timeout,
-    )?);
     let gateway_id = format!(
         "gw-{node}-{}-{}",
         std::process::id(),
         chrono::Utc::now().timestamp_millis()
     );
+    let rooms = Arc::new(Rooms::new(hub, metrics.meter(), &gateway_id));
+    let presence_client = PresenceServiceClient::new(kit_grpc::lazy_channel(
+        &cfg.presence_url,
+        cfg.common.request_timeout,
+    )?);
     let presence = PresenceLink::new(presence_client, gateway_id);
     let (committer, drained) = Committer::spawn(
         store.clone(),
@@ -226,11 +259,12 @@ pub async fn serve_with(
         channels: Mutex::default(),
         metrics: gm,
     });
-    let presence_task = tokio::spawn(
+    let presence_task = tokio::spawn(telemetry::in_service(
+        SERVICE,
         presence
             .clone()
             .run(cfg.heartbeat_interval, shutdown.clone()),
-    );
+    ));
 
     let db_check: Check = {
         let db = database.clone();
@@ -282,6 +316,9 @@ pub async fn serve_with(
         tracing::warn!("connections did not close within the grace period");
     }
     let _ = presence_task.await;
+    telemetry
+        .shutdown(cfg.common.shutdown_grace.min(telemetry::FLUSH_LIMIT))
+        .await;
     served?;
     tracing::info!("chat gateway stopped");
     Ok(())

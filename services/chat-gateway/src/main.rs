@@ -20,7 +20,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init_logging(cli.config.common.log_format);
+    telemetry::init(cli.config.common.log_format, &cli.config.common.otel);
     let stop = Shutdown::new();
     shutdown::trigger_on_signals(stop.clone());
     loadlab_chat_gateway::serve(cli.config, stop).await?;

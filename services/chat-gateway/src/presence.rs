@@ -5,13 +5,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument as _;
 
+use loadlab_kit::grpc::TracedChannel;
 use loadlab_kit::{Id, Shutdown};
 use loadlab_proto::presence::v1::presence_service_client::PresenceServiceClient;
 use loadlab_proto::presence::v1::{HeartbeatRequest, State, UserChannels, WatchChannelRequest};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 use crate::protocol::ServerFrame;
 use crate::rooms::Rooms;
@@ -31,7 +32,7 @@ struct State_ {
 
 /// Presence bookkeeping and the link to the presence service.
 pub struct PresenceLink {
-    client: PresenceServiceClient<Channel>,
+    client: PresenceServiceClient<TracedChannel>,
     gateway_id: String,
     state: Mutex<State_>,
     changed: Notify,
@@ -43,7 +44,10 @@ fn lock(m: &Mutex<State_>) -> std::sync::MutexGuard<'_, State_> {
 
 impl PresenceLink {
     /// A link reporting as `gateway_id`.
-    pub fn new(client: PresenceServiceClient<Channel>, gateway_id: String) -> Arc<PresenceLink> {
+    pub fn new(
+        client: PresenceServiceClient<TracedChannel>,
+        gateway_id: String,
+    ) -> Arc<PresenceLink> {
         Arc::new(PresenceLink {
             client,
             gateway_id,
@@ -134,6 +138,13 @@ impl PresenceLink {
         if online.is_empty() && offline.is_empty() {
             return Ok(());
         }
+        // Each report is a trace of its own: gateway span → gRPC client → presence server.
+        let span = tracing::info_span!(
+            "presence.heartbeat",
+            presence.gateway_id = %self.gateway_id,
+            presence.online = online.len(),
+            presence.offline = offline.len(),
+        );
         let mut client = self.client.clone();
         client
             .heartbeat(HeartbeatRequest {
@@ -141,6 +152,7 @@ impl PresenceLink {
                 online,
                 offline,
             })
+            .instrument(span)
             .await
             .map(|_| ())
     }

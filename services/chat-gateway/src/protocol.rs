@@ -31,6 +31,10 @@ pub enum ClientFrame {
         client_msg_id: String,
         /// Text.
         body: String,
+        /// Optional W3C `traceparent` of the client's span: the gateway's handling joins that
+        /// trace (load generators send it for sampled messages).
+        #[serde(default)]
+        traceparent: Option<String>,
     },
     /// Keep-alive; answered with `pong`.
     Ping,
@@ -179,7 +183,8 @@ mod tests {
             ClientFrame::Send {
                 channel: Id(12),
                 client_msg_id: "a-1".into(),
-                body: "hi".into()
+                body: "hi".into(),
+                traceparent: None,
             }
         );
         assert_eq!(

@@ -15,7 +15,9 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
+use crate::committer::open_envelope;
 use crate::protocol::close;
+use loadlab_kit::telemetry;
 
 /// A connection's id within this gateway.
 pub type ConnId = u64;
@@ -96,6 +98,9 @@ type RoomMap = HashMap<Id, Room>;
 /// The channels with local members.
 pub struct Rooms {
     hub: Arc<Hub>,
+    delivered: opentelemetry::metrics::Counter<u64>,
+    /// This gateway's id, on delivery spans (which replica delivered).
+    replica: Arc<str>,
     rooms: Arc<Mutex<RoomMap>>,
     changes: tokio::sync::Mutex<()>,
 }
@@ -111,9 +116,14 @@ pub fn topic(channel: Id) -> String {
 
 impl Rooms {
     /// Rooms delivering through `hub`.
-    pub fn new(hub: Arc<Hub>) -> Rooms {
+    pub fn new(hub: Arc<Hub>, meter: &opentelemetry::metrics::Meter, replica: &str) -> Rooms {
         Rooms {
             hub,
+            replica: Arc::from(replica),
+            delivered: meter
+                .u64_counter("chat.messages.delivered")
+                .with_description("Chat messages queued to local members' connections")
+                .build(),
             rooms: Arc::default(),
             changes: tokio::sync::Mutex::new(()),
         }
@@ -134,22 +144,47 @@ impl Rooms {
             return Ok(false);
         }
         let rooms = Arc::downgrade(&self.rooms);
+        let delivered_counter = self.delivered.clone();
+        let replica = self.replica.clone();
         let listener = self
             .hub
             .listen(
                 &topic(channel),
                 Arc::new(move |payload: &Bytes| {
                     let Some(rooms) = rooms.upgrade() else { return };
-                    // Validated once per message here, then shared by every member's frame.
-                    let Ok(text) = Utf8Bytes::try_from(payload.clone()) else {
-                        tracing::warn!(%channel, "dropping a non-UTF-8 chat payload");
-                        return;
-                    };
-                    if let Some(room) = lock(&rooms).get(&channel) {
-                        for (_, outbox) in room.members.values() {
-                            outbox.push(Frame::Text(text.clone()));
+                    let (trace, json) = open_envelope(payload);
+                    // The delivery on this replica is its own span, linked to the sender's
+                    // trace (the send was handled on whichever replica the sender is on).
+                    let span = match trace {
+                        Some(tp) => {
+                            let span = tracing::info_span!(
+                                "chat.deliver",
+                                otel.kind = "consumer",
+                                chat.channel = channel.0,
+                                chat.replica = &*replica,
+                                chat.recipients = tracing::field::Empty,
+                            );
+                            tp.link(&span);
+                            span
                         }
-                    }
+                        None => tracing::Span::none(),
+                    };
+                    telemetry::sync_in_service(crate::SERVICE, || {
+                        let _entered = span.enter();
+                        // Validated once per message here, then shared by every member's frame.
+                        let Ok(text) = Utf8Bytes::try_from(json) else {
+                            tracing::warn!(%channel, "dropping a non-UTF-8 chat payload");
+                            return;
+                        };
+                        if let Some(room) = lock(&rooms).get(&channel) {
+                            let mut delivered = 0u64;
+                            for (_, outbox) in room.members.values() {
+                                delivered += u64::from(outbox.push(Frame::Text(text.clone())));
+                            }
+                            span.record("chat.recipients", delivered);
+                            delivered_counter.add(delivered, &[]);
+                        }
+                    });
                 }),
             )
             .await?;

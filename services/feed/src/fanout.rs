@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use loadlab_kit::Id;
 use loadlab_kit::engine::{Delivery, Engine, FanoutConsumer};
+use loadlab_kit::grpc::TracedChannel;
 use loadlab_kit::metrics::Metrics;
 use loadlab_kit::shutdown::Shutdown;
 use loadlab_proto::timeline::v1::AppendRequest;
@@ -21,7 +22,7 @@ use loadlab_proto::timeline::v1::timeline_service_client::TimelineServiceClient;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use tonic::transport::Channel;
+use tracing::Instrument as _;
 
 use crate::store::{FanoutPlan, FeedStore};
 
@@ -65,6 +66,8 @@ pub struct FanoutMetrics {
     pub republished: Counter,
     /// Jobs waiting or in flight.
     pub backlog: Gauge,
+    /// The lag again, over OTLP (`fanout.lag`).
+    pub otel_lag: opentelemetry::metrics::Histogram<f64>,
 }
 
 impl FanoutMetrics {
@@ -77,6 +80,13 @@ impl FanoutMetrics {
             failures: Counter::default(),
             republished: Counter::default(),
             backlog: Gauge::default(),
+            otel_lag: metrics
+                .meter()
+                .f64_histogram("fanout.lag")
+                .with_unit("s")
+                .with_description("Post committed to last follower timeline written")
+                .with_boundaries(exponential_buckets(0.001, 1.5, 32).collect())
+                .build(),
         };
         metrics.register(
             "fanout_lag_seconds",
@@ -113,7 +123,7 @@ impl FanoutMetrics {
 pub struct Fanout {
     store: FeedStore,
     engine: Engine,
-    timeline: TimelineServiceClient<Channel>,
+    timeline: TimelineServiceClient<TracedChannel>,
     settings: Arc<FanoutSettings>,
     metrics: FanoutMetrics,
 }
@@ -123,7 +133,7 @@ impl Fanout {
     pub fn new(
         store: FeedStore,
         engine: Engine,
-        timeline: TimelineServiceClient<Channel>,
+        timeline: TimelineServiceClient<TracedChannel>,
         settings: FanoutSettings,
         metrics: FanoutMetrics,
     ) -> Self {
@@ -229,6 +239,24 @@ impl Fanout {
     /// query reads every post's plan, one statement marks the finished ones. A job that failed
     /// is not acked, so it is retried (reclaimed) later.
     async fn process_batch(&self, batch: Vec<Delivery>) -> Vec<String> {
+        // The batch is its own trace (it serves many requests), linked to each post's trace:
+        // from a post's trace in Jaeger, the link leads to the fan-out that delivered it.
+        let span = tracing::info_span!(
+            "fanout.batch",
+            otel.kind = "consumer",
+            messaging.operation.type = "process",
+            messaging.batch.message_count = batch.len(),
+            fanout.posts_pushed = tracing::field::Empty,
+        );
+        for d in &batch {
+            if let Some(tp) = d.job.trace {
+                tp.link(&span);
+            }
+        }
+        self.process_batch_in(batch).instrument(span).await
+    }
+
+    async fn process_batch_in(&self, batch: Vec<Delivery>) -> Vec<String> {
         let ids: Vec<Id> = batch.iter().map(|d| d.job.post).collect();
         let plans = match self.store.fanout_plans(&ids).await {
             Ok(plans) => plans,
@@ -252,15 +280,25 @@ impl Fanout {
                     }
                     let entry = waiting.entry(d.job.post).or_default();
                     if entry.is_empty() {
-                        todo.push((d.job.post, *plan));
+                        todo.push((d.job.post, *plan, d.job.trace));
                     }
                     entry.push(d.id);
                 }
             }
         }
         let pushed: Vec<Id> = futures::stream::iter(todo)
-            .map(|(post, plan)| async move {
-                match self.push(post, plan).await {
+            .map(|(post, plan, trace)| async move {
+                let span = tracing::info_span!(
+                    "fanout.post",
+                    post.id = post.0,
+                    post.author_id = plan.author.0,
+                    post.author_followers = plan.author_followers,
+                    fanout.appends = tracing::field::Empty,
+                );
+                if let Some(tp) = trace {
+                    tp.link(&span);
+                }
+                match self.push(post, plan).instrument(span).await {
                     Ok(()) => Some(post),
                     Err(e) => {
                         self.metrics.failures.inc();
@@ -273,6 +311,7 @@ impl Fanout {
             .filter_map(|p| async move { p })
             .collect()
             .await;
+        tracing::Span::current().record("fanout.posts_pushed", pushed.len());
         if pushed.is_empty() {
             return ack;
         }
@@ -283,9 +322,9 @@ impl Fanout {
         }
         let now = chrono::Utc::now().timestamp_millis();
         for post in &pushed {
-            self.metrics
-                .lag
-                .observe((now - post.unix_ms()).max(0) as f64 / 1_000.0);
+            let lag = (now - post.unix_ms()).max(0) as f64 / 1_000.0;
+            self.metrics.lag.observe(lag);
+            self.metrics.otel_lag.record(lag, &[]);
             ack.extend(waiting.remove(post).unwrap_or_default());
         }
         self.metrics.posts.inc_by(pushed.len() as u64);
@@ -304,6 +343,7 @@ impl Fanout {
         let mut timeline = self.timeline.clone();
         let mut after = Id(0);
         let mut first = true;
+        let mut appends = 0u64;
         loop {
             let (page, next) = if celebrity {
                 (Vec::new(), None)
@@ -331,6 +371,8 @@ impl Fanout {
                 .await?
                 .into_inner();
             self.metrics.deliveries.inc_by(u64::from(r.appended));
+            appends += 1;
+            tracing::Span::current().record("fanout.appends", appends);
             first = false;
             match next {
                 Some(n) => after = n,

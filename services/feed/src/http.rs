@@ -9,12 +9,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use loadlab_kit::auth::{AuthUser, Passwords, TokenKeys};
 use loadlab_kit::error::{ApiJson, ApiPath, ApiQuery};
+use loadlab_kit::grpc::TracedChannel;
 use loadlab_kit::{ApiError, Id};
 use loadlab_proto::feed::v1::Post;
 use loadlab_proto::timeline::v1::GetRequest;
 use loadlab_proto::timeline::v1::timeline_service_client::TimelineServiceClient;
 use serde::{Deserialize, Serialize};
-use tonic::transport::Channel;
 
 use crate::domain::{Handle, Password, PostBody};
 use crate::store::{FeedStore, StoreError, UserView};
@@ -34,7 +34,7 @@ pub struct AppState {
     /// Password hashing.
     pub passwords: Passwords,
     /// The timeline service.
-    pub timeline: TimelineServiceClient<Channel>,
+    pub timeline: TimelineServiceClient<TracedChannel>,
     /// Post length limit.
     pub max_post_chars: usize,
 }

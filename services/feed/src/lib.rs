@@ -16,6 +16,7 @@ use loadlab_kit::auth::{Passwords, TokenKeys};
 use loadlab_kit::engine::{Engine, EngineKind};
 use loadlab_kit::metrics::Metrics;
 use loadlab_kit::server::{self, Check, Limits, Parts, ServeError};
+use loadlab_kit::telemetry::{self, Telemetry};
 use loadlab_kit::{Shutdown, Snowflake, db, grpc as kit_grpc};
 use loadlab_proto::feed::v1::feed_service_server::FeedServiceServer;
 use loadlab_proto::timeline::v1::timeline_service_client::TimelineServiceClient;
@@ -88,7 +89,8 @@ pub async fn serve_with(
         cfg.celebrity_threshold,
         cfg.post_cache_ttl,
     );
-    let metrics = Metrics::new();
+    let telemetry = Telemetry::start("feed", env!("CARGO_PKG_VERSION"), &cfg.common.otel)?;
+    let metrics = Metrics::with_telemetry(&telemetry);
 
     let (http_routes, grpc_routes, grpc_names) = if cfg.role.serves_api() {
         let state = http::AppState {
@@ -152,7 +154,10 @@ pub async fn serve_with(
             std::process::id(),
             chrono::Utc::now().timestamp_millis()
         );
-        Some(tokio::spawn(worker.run(name, shutdown.clone())))
+        Some(tokio::spawn(telemetry::in_service(
+            "feed",
+            worker.run(name, shutdown.clone()),
+        )))
     } else {
         None
     };
@@ -192,6 +197,9 @@ pub async fn serve_with(
             );
         }
     }
+    telemetry
+        .shutdown(cfg.common.shutdown_grace.min(telemetry::FLUSH_LIMIT))
+        .await;
     served?;
     tracing::info!("feed stopped");
     Ok(())

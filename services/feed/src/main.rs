@@ -43,7 +43,7 @@ async fn main() -> anyhow::Result<()> {
         }
         None => {
             let config = cli.config;
-            telemetry::init_logging(config.common.log_format);
+            telemetry::init(config.common.log_format, &config.common.otel);
             let stop = Shutdown::new();
             shutdown::trigger_on_signals(stop.clone());
             loadlab_feed::serve(config, stop).await?;

@@ -440,7 +440,11 @@ impl FeedStore {
             Err(e) => return Err(e.into()),
         };
         let post = to_proto(&inserted);
-        let job = FanoutJob { post: id, author };
+        let job = FanoutJob {
+            post: id,
+            author,
+            trace: loadlab_kit::telemetry::propagation::TraceParent::current(),
+        };
         // Neither step may hold the acknowledgement hostage to a Redis outage: the post is
         // committed, and the sweep publishes it if this attempt fails or times out.
         let cache_entry = [(id, encode_post(&post))];
@@ -551,6 +555,7 @@ impl FeedStore {
             .map(|(p, a)| FanoutJob {
                 post: Id::from_i64(p),
                 author: Id::from_i64(a),
+                trace: None,
             })
             .collect())
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::engine::EngineKind;
-use crate::telemetry::LogFormat;
+use crate::telemetry::{LogFormat, OtelArgs};
 
 /// Flags every service understands.
 #[derive(Debug, Clone, Args)]
@@ -67,6 +67,10 @@ pub struct CommonArgs {
     /// Log format.
     #[arg(long, env = "LOADLAB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// OpenTelemetry export.
+    #[command(flatten)]
+    pub otel: OtelArgs,
 }
 
 /// Database flags (also used alone by the `migrate` subcommands).
@@ -148,6 +152,7 @@ impl CommonArgs {
             )));
         }
         self.db.validate()?;
+        self.otel.validate()?;
         if self.max_body_bytes < 1024 {
             return Err(ConfigError("--max-body-bytes must be at least 1024".into()));
         }

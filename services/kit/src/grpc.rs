@@ -1,8 +1,12 @@
 //! gRPC client plumbing shared by services that call each other.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument as _;
 
 /// A bad peer URL.
 #[derive(Debug, thiserror::Error)]
@@ -14,9 +18,17 @@ pub struct PeerUrlError {
     pub reason: String,
 }
 
-/// A lazily-connecting channel to a peer service: it connects on first use and reconnects after
-/// the peer restarts, so services can start in any order.
-pub fn lazy_channel(url: &str, request_timeout: Duration) -> Result<Channel, PeerUrlError> {
+/// A lazily-connecting, traced channel to a peer service: it connects on first use and
+/// reconnects after the peer restarts, so services can start in any order.
+pub fn lazy_channel(url: &str, request_timeout: Duration) -> Result<TracedChannel, PeerUrlError> {
+    lazy_untraced_channel(url, request_timeout).map(TracedChannel::new)
+}
+
+/// [`lazy_channel`] without client spans.
+pub fn lazy_untraced_channel(
+    url: &str,
+    request_timeout: Duration,
+) -> Result<Channel, PeerUrlError> {
     let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| PeerUrlError {
         url: url.to_owned(),
         reason: e.to_string(),
@@ -28,4 +40,80 @@ pub fn lazy_channel(url: &str, request_timeout: Duration) -> Result<Channel, Pee
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true)
         .connect_lazy())
+}
+
+/// A channel to a peer whose calls get a client span each, with the span's context sent in
+/// the request metadata (`traceparent`), so the peer's server span becomes its child.
+#[derive(Debug, Clone)]
+pub struct TracedChannel {
+    inner: Channel,
+}
+
+impl TracedChannel {
+    /// Wraps `inner`.
+    pub fn new(inner: Channel) -> Self {
+        TracedChannel { inner }
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for TracedChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower::Service::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        let span = if !crate::telemetry::propagation::current_is_sampled() {
+            // No sampled caller: no client span (outside traced work it would start a trace
+            // per call). The caller's context still travels, so an unsampled request stays
+            // unsampled downstream instead of being sampled anew by the peer.
+            crate::telemetry::propagation::inject(&tracing::Span::current(), request.headers_mut());
+            tracing::Span::none()
+        } else {
+            let full = request.uri().path().trim_start_matches('/');
+            let (service, method) = full.split_once('/').unwrap_or((full, ""));
+            tracing::info_span!(
+                "grpc.client",
+                otel.name = full,
+                otel.kind = "client",
+                rpc.system = "grpc",
+                rpc.service = service,
+                rpc.method = method,
+                server.address = request.uri().host().unwrap_or_default(),
+                rpc.grpc.status_code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        };
+        if !span.is_none() {
+            crate::telemetry::propagation::inject(&span, request.headers_mut());
+        }
+        let call = tower::Service::call(&mut self.inner, request);
+        let record = span.clone();
+        Box::pin(
+            async move {
+                let result = call.await;
+                if !record.is_none() {
+                    // Trailers-only answers (errors) carry grpc-status in the headers.
+                    let code = match &result {
+                        Ok(r) => r
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<i64>().ok())
+                            .unwrap_or(0),
+                        Err(_) => 14, // UNAVAILABLE: the transport failed.
+                    };
+                    record.record("rpc.grpc.status_code", code);
+                    if code != 0 {
+                        record.record("otel.status_code", "ERROR");
+                    }
+                }
+                result
+            }
+            .instrument(span),
+        )
+    }
 }

@@ -29,12 +29,15 @@ pub fn latency_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.0005, 2.0, 17)
 }
 
-/// A service's metric registry.
+/// A service's metric registry: Prometheus for `/metrics`, and the same RED figures over OTLP
+/// when telemetry is on (service metrics take the [`Metrics::meter`] for their OTLP twins).
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<RwLock<Registry>>,
     requests: Family<RouteLabels, Counter>,
     durations: Family<RouteLabels, Histogram>,
+    meter: opentelemetry::metrics::Meter,
+    otel_durations: opentelemetry::metrics::Histogram<f64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -44,8 +47,17 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// A registry whose metrics are prefixed `loadlab_`.
+    /// A registry whose metrics are prefixed `loadlab_`, exporting nothing over OTLP.
     pub fn new() -> Self {
+        Self::with_meter(opentelemetry::global::meter_provider().meter("loadlab"))
+    }
+
+    /// A registry whose RED metrics also go to `telemetry`'s OTLP exporter.
+    pub fn with_telemetry(telemetry: &crate::telemetry::Telemetry) -> Self {
+        Self::with_meter(telemetry.meter().clone())
+    }
+
+    fn with_meter(meter: opentelemetry::metrics::Meter) -> Self {
         let mut registry = Registry::with_prefix("loadlab");
         let requests = Family::<RouteLabels, Counter>::default();
         let durations = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
@@ -61,11 +73,26 @@ impl Metrics {
             "Time to the response head",
             durations.clone(),
         );
+        // OpenTelemetry's HTTP/RPC semantic conventions: one histogram gives rate (count),
+        // errors (by status) and duration.
+        let otel_durations = meter
+            .f64_histogram("http.server.request.duration")
+            .with_unit("s")
+            .with_description("Time to the response head, HTTP and gRPC")
+            .with_boundaries(latency_buckets().collect())
+            .build();
         Metrics {
             registry: Arc::new(RwLock::new(registry)),
             requests,
             durations,
+            meter,
+            otel_durations,
         }
+    }
+
+    /// The OTLP meter for service metrics (a no-op meter when telemetry is off).
+    pub fn meter(&self) -> &opentelemetry::metrics::Meter {
+        &self.meter
     }
 
     /// Registers a service metric.
@@ -100,21 +127,36 @@ impl Default for Metrics {
 pub async fn track(State(metrics): State<Metrics>, request: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = request.method().as_str().to_owned();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let grpc = request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    // gRPC services are mounted as `/<service>/{*rest}`: the method is the path itself.
+    let route = if grpc {
+        request.uri().path().to_owned()
+    } else {
+        request
+            .extensions()
+            .get::<MatchedPath>()
+            .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned())
+    };
     let response = next.run(request).await;
     let labels = RouteLabels {
         method,
         route,
         status: response.status().as_u16(),
     };
+    let elapsed = start.elapsed().as_secs_f64();
     metrics.requests.get_or_create(&labels).inc();
-    metrics
-        .durations
-        .get_or_create(&labels)
-        .observe(start.elapsed().as_secs_f64());
+    metrics.durations.get_or_create(&labels).observe(elapsed);
+    metrics.otel_durations.record(
+        elapsed,
+        &[
+            opentelemetry::KeyValue::new("http.request.method", labels.method),
+            opentelemetry::KeyValue::new("http.route", labels.route),
+            opentelemetry::KeyValue::new("http.response.status_code", i64::from(labels.status)),
+        ],
+    );
     response
 }
 

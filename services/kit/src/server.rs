@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
+use tracing::Instrument as _;
 
 use crate::error::{ApiError, method_not_allowed_fallback, not_found_fallback};
 use crate::metrics::{self, Metrics};
@@ -145,8 +146,97 @@ pub async fn router(parts: Parts, shutdown: &Shutdown) -> Result<Router, BoxErro
         .layer(axum::middleware::from_fn_with_state(
             parts.metrics,
             metrics::track,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            parts.name,
+            trace_request,
         ));
     Ok(router)
+}
+
+/// Routes whose requests get no span: probes and scrapes would drown the interesting traces.
+fn untraced(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
+        || path.starts_with("/grpc.health.v1.")
+        || path.starts_with("/grpc.reflection.")
+}
+
+/// The server span of every request, named after the route template (HTTP) or the method's
+/// full name (gRPC), child of the caller's context from `traceparent` (HTTP headers and gRPC
+/// metadata alike). The request runs as part of `service` so its spans are attributed to it.
+async fn trace_request(
+    State(service): State<&'static str>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    if untraced(path) {
+        return crate::telemetry::in_service(service, next.run(request)).await;
+    }
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let span = if grpc {
+        let full = path.trim_start_matches('/');
+        let (svc, method) = full.split_once('/').unwrap_or((full, ""));
+        tracing::info_span!(
+            "grpc.server",
+            otel.name = full,
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = svc,
+            rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        )
+    } else {
+        let route = request
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map_or("unmatched", |p| p.as_str());
+        let method = request.method().as_str();
+        tracing::info_span!(
+            "http.server",
+            otel.name = format_args!("{method} {route}"),
+            otel.kind = "server",
+            http.request.method = method,
+            http.route = route,
+            url.path = path,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        )
+    };
+    // Before the span is first entered: its sampling decision follows the caller's.
+    let parent = crate::telemetry::propagation::extract(request.headers());
+    if let Err(e) = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent) {
+        tracing::debug!(error = %e, "cannot set the server span's parent");
+    }
+    // The service scope must be outside the span: the span starts (and is attributed to a
+    // service) when it is first entered.
+    let response =
+        crate::telemetry::in_service(service, next.run(request).instrument(span.clone())).await;
+    let status = response.status();
+    if grpc {
+        // A failed call answers "trailers-only": grpc-status is in the headers. A successful
+        // unary call sends it in trailers, which a middleware never sees: absent means OK.
+        let code = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0);
+        span.record("rpc.grpc.status_code", code);
+        if code != 0 {
+            span.record("otel.status_code", "ERROR");
+        }
+    } else {
+        span.record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+    response
 }
 
 async fn overload_response(err: BoxError) -> Response {
@@ -256,6 +346,9 @@ pub enum ServeError {
     /// Binding or serving failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    /// Telemetry could not be set up.
+    #[error("telemetry: {0}")]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
     /// Anything else during set-up (router, reflection, hashing parameters).
     #[error("{0}")]
     Setup(String),

@@ -326,6 +326,7 @@ async fn fanout_queue_redelivers_unacked_jobs(engine: Engine) {
         .map(|i| FanoutJob {
             post: Id(100 + i),
             author: Id(i),
+            trace: None,
         })
         .collect();
     for job in &jobs {
@@ -396,6 +397,7 @@ async fn redis_fault_consumer_recovers_after_restart() {
         .publish(FanoutJob {
             post: Id(1),
             author: Id(2),
+            trace: None,
         })
         .await
         .expect("publish");
@@ -414,7 +416,8 @@ async fn redis_fault_consumer_recovers_after_restart() {
             .fanout
             .publish(FanoutJob {
                 post: Id(3),
-                author: Id(2)
+                author: Id(2),
+                trace: None,
             })
             .await
             .is_err()
@@ -430,6 +433,7 @@ async fn redis_fault_consumer_recovers_after_restart() {
             .publish(FanoutJob {
                 post: Id(5),
                 author: Id(2),
+                trace: None,
             })
             .await
             .is_ok()

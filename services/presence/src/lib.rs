@@ -19,6 +19,7 @@ use loadlab_kit::engine::{Engine, EngineKind};
 use loadlab_kit::hub::Hub;
 use loadlab_kit::metrics::Metrics;
 use loadlab_kit::server::{self, Check, Limits, Parts, ServeError};
+use loadlab_kit::telemetry::{self, Telemetry};
 use loadlab_proto::presence::v1::presence_service_server::PresenceServiceServer;
 use tokio::net::TcpListener;
 
@@ -46,7 +47,8 @@ pub async fn serve_with(
     shutdown: Shutdown,
 ) -> Result<(), ServeError> {
     cfg.validate()?;
-    let metrics = Metrics::new();
+    let telemetry = Telemetry::start("presence", env!("CARGO_PKG_VERSION"), &cfg.common.otel)?;
+    let metrics = Metrics::with_telemetry(&telemetry);
     let hub = Hub::new(engine.pubsub.as_ref()).await?;
     let tracker = tracker::Tracker::new(engine.clone(), cfg.presence_ttl, &metrics);
     let watchers = watch::Watchers::new(
@@ -80,8 +82,10 @@ pub async fn serve_with(
     .map_err(|e| ServeError::Setup(e.to_string()))?;
     // A child token: the sweeper also stops when serving fails, not only on shutdown.
     let sweeper_stop = shutdown.child();
-    let sweeper =
-        tokio::spawn(tracker.sweep_until(cfg.presence_sweep_interval, sweeper_stop.clone()));
+    let sweeper = tokio::spawn(telemetry::in_service(
+        "presence",
+        tracker.sweep_until(cfg.presence_sweep_interval, sweeper_stop.clone()),
+    ));
     tracing::info!("presence starting");
     let served = server::serve(listener, router, shutdown, cfg.common.shutdown_grace).await;
     sweeper_stop.trigger();
@@ -91,6 +95,9 @@ pub async fn serve_with(
         Ok(Err(e)) => tracing::warn!(error = %e, "presence sweeper failed"),
         Err(_) => tracing::warn!("presence sweeper did not stop within the grace period"),
     }
+    telemetry
+        .shutdown(cfg.common.shutdown_grace.min(telemetry::FLUSH_LIMIT))
+        .await;
     served?;
     tracing::info!("presence stopped");
     Ok(())

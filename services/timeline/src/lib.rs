@@ -12,6 +12,7 @@ use std::sync::Arc;
 use loadlab_kit::engine::{Engine, EngineKind};
 use loadlab_kit::metrics::Metrics;
 use loadlab_kit::server::{self, Check, Limits, Parts, ServeError};
+use loadlab_kit::telemetry::{self, Telemetry};
 use loadlab_kit::{Shutdown, grpc as kit_grpc};
 use loadlab_proto::feed::v1::feed_service_client::FeedServiceClient;
 use loadlab_proto::timeline::v1::timeline_service_server::TimelineServiceServer;
@@ -40,7 +41,8 @@ pub async fn serve_with(
     shutdown: Shutdown,
 ) -> Result<(), ServeError> {
     cfg.validate()?;
-    let metrics = Metrics::new();
+    let telemetry = Telemetry::start("timeline", env!("CARGO_PKG_VERSION"), &cfg.common.otel)?;
+    let metrics = Metrics::with_telemetry(&telemetry);
     let feed = FeedServiceClient::new(kit_grpc::lazy_channel(
         &cfg.feed_url,
         cfg.common.request_timeout,
@@ -75,7 +77,11 @@ pub async fn serve_with(
     .await
     .map_err(|e| ServeError::Setup(e.to_string()))?;
     tracing::info!("timeline starting");
-    server::serve(listener, router, shutdown, cfg.common.shutdown_grace).await?;
+    let served = server::serve(listener, router, shutdown, cfg.common.shutdown_grace).await;
+    telemetry
+        .shutdown(cfg.common.shutdown_grace.min(telemetry::FLUSH_LIMIT))
+        .await;
+    served?;
     tracing::info!("timeline stopped");
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use loadlab_kit::Id;
 use loadlab_kit::engine::{Engine, EngineError, TimelineKey};
+use loadlab_kit::grpc::TracedChannel;
 use loadlab_kit::metrics::Metrics;
 use loadlab_proto::feed::v1::feed_service_client::FeedServiceClient;
 use loadlab_proto::feed::v1::{
@@ -12,7 +13,6 @@ use loadlab_proto::feed::v1::{
 };
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
-use tonic::transport::Channel;
 
 /// Why a timeline operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +43,7 @@ struct TimelineMetrics {
 #[derive(Clone)]
 pub struct Timelines {
     engine: Engine,
-    feed: FeedServiceClient<Channel>,
+    feed: FeedServiceClient<TracedChannel>,
     cap: usize,
     celebrity_ttl: Duration,
     post_ttl: Duration,
@@ -63,7 +63,7 @@ impl Timelines {
     /// Timelines capped at `cap`.
     pub fn new(
         engine: Engine,
-        feed: FeedServiceClient<Channel>,
+        feed: FeedServiceClient<TracedChannel>,
         cap: usize,
         celebrity_ttl: Duration,
         post_ttl: Duration,

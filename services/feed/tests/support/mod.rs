@@ -49,6 +49,8 @@ pub struct Options {
     pub max_body_bytes: usize,
     /// More feed flags, appended last (so they override the defaults above).
     pub feed_flags: Vec<String>,
+    /// Flags for both services (e.g. `--otlp-endpoint`).
+    pub common_flags: Vec<String>,
 }
 
 impl Options {
@@ -67,6 +69,7 @@ impl Options {
             fanout_in_feed: true,
             max_body_bytes: 64 * 1024,
             feed_flags: Vec::new(),
+            common_flags: Vec::new(),
         }
     }
 }
@@ -112,7 +115,7 @@ fn common_args(options: &Options, db: &DbSettings, prefix: &str) -> Vec<String> 
         Backend::PostgresRedis => "redis",
         Backend::SqliteMemory => "memory",
     };
-    vec![
+    let mut args: Vec<String> = vec![
         "--engine".into(),
         engine.into(),
         "--redis-url".into(),
@@ -134,7 +137,9 @@ fn common_args(options: &Options, db: &DbSettings, prefix: &str) -> Vec<String> 
         options.max_body_bytes.to_string(),
         "--shutdown-grace".into(),
         "2s".into(),
-    ]
+    ];
+    args.extend(options.common_flags.iter().cloned());
+    args
 }
 
 pub fn engine_for(options: &Options, prefix: &str) -> Engine {

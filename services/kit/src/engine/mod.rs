@@ -118,6 +118,9 @@ pub struct FanoutJob {
     pub post: Id,
     /// Its author.
     pub author: Id,
+    /// The span that created the post, so the fan-out can link its trace to the post's
+    /// (`None` when telemetry is off, or for jobs re-published by the sweep).
+    pub trace: Option<crate::telemetry::propagation::TraceParent>,
 }
 
 /// A job handed to a consumer; it stays pending until acked, and is re-delivered to another

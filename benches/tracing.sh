@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Tracing overhead on warm home-timeline reads: max throughput with wrk against feed + timeline
+# (release binaries, separate processes, Redis + PostgreSQL) with telemetry off, and with the
+# OTLP exporters pointed at a local receiver (`loadlab receive`) at trace sampling ratios
+# 0, 0.01, 0.1 and 1.0 (wrk sends no traceparent, so the services' own ratio decides).
+# Prints each configuration's throughput as a ratio of the no-telemetry baseline, which is
+# measured first and last (the mean of both is the reference: this machine is shared and noisy).
+# Targets: >= 0.95 at 0.01 and >= 0.85 at 1.0.
+#
+# Knobs (environment): DURATION (15s), CONNECTIONS (64), THREADS (2), READERS (500),
+# RATIOS ("0 0.01 0.1 1.0"), SKIP_BUILD=1. Output also goes to benches/out/tracing-<time>.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/datastores.sh
+source scripts/datastores.sh
+
+DURATION=${DURATION:-15s}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-2}
+READERS=${READERS:-500}
+RATIOS=${RATIOS:-0 0.01 0.1 1.0}
+out_dir=benches/out
+mkdir -p "$out_dir"
+report="$out_dir/tracing-$(date +%Y%m%d-%H%M%S).txt"
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+say() { echo "$*" | tee -a "$report"; }
+
+ensure_postgres
+ensure_redis
+command -v wrk >/dev/null || apt_install wrk
+if [ -z "${SKIP_BUILD:-}" ]; then
+  log "building release binaries"
+  cargo build --release -q -p loadlab-feed -p loadlab-timeline -p loadlab
+fi
+bin=${CARGO_TARGET_DIR:-target}/release
+export LOADLAB_JWT_SECRET=bench-secret-0123456789abcdef
+schema="bench_tracing_$(date +%s)"
+prefix="bench:tracing:$(date +%s):"
+common=(--engine redis --redis-prefix "$prefix" --database-url "$LOADLAB_TEST_POSTGRES_URL"
+  --database-schema "$schema" --database-pool 32)
+feed_port=18380
+timeline_port=18381
+receiver=127.0.0.1:18317
+
+wait_ready() {
+  for _ in $(seq 1 200); do curl -fs "$1/readyz" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  log "$1 never became ready"; exit 1
+}
+
+svc=()
+start_services() { # start_services [TELEMETRY FLAGS...]
+  LOADLAB_LOG=warn "$bin/loadlab-timeline" "${common[@]}" "$@" \
+    --listen "127.0.0.1:$timeline_port" --feed-url "http://127.0.0.1:$feed_port" &
+  svc=($!)
+  LOADLAB_LOG=warn "$bin/loadlab-feed" "${common[@]}" "$@" --migrate \
+    --password-memory-kib 256 --password-iterations 1 \
+    --listen "127.0.0.1:$feed_port" --timeline-url "http://127.0.0.1:$timeline_port" &
+  svc+=($!)
+  pids+=("${svc[@]}")
+  wait_ready "http://127.0.0.1:$timeline_port"
+  wait_ready "http://127.0.0.1:$feed_port"
+}
+stop_services() { kill -TERM "${svc[@]}"; wait "${svc[@]}" 2>/dev/null || true; }
+
+measure() { # measure LABEL [TELEMETRY FLAGS...]: prints req/s
+  local label=$1; shift
+  start_services "$@"
+  # Warm connections, caches and the allocator before measuring.
+  LOADLAB_BENCH_USERS="$work/seed/readers.txt" LOADLAB_BENCH_LIMIT=20 \
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d3s -s benches/feed/read.lua "http://127.0.0.1:$feed_port" >/dev/null
+  LOADLAB_BENCH_USERS="$work/seed/readers.txt" LOADLAB_BENCH_LIMIT=20 \
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s benches/feed/read.lua "http://127.0.0.1:$feed_port" > "$work/$label.txt"
+  stop_services
+  local rps non2xx
+  rps=$(awk '/^Requests\/sec/ {print $2}' "$work/$label.txt")
+  non2xx=$(awk '/Non-2xx/ {print $5}' "$work/$label.txt")
+  say "[$label] ${rps} req/s; non-2xx: ${non2xx:-0}" >&2
+  echo "$rps"
+}
+
+say "loadlab tracing overhead $(date -u +%FT%TZ) on $(nproc) cores; DURATION=$DURATION CONNECTIONS=$CONNECTIONS READERS=$READERS"
+LOADLAB_LOG=warn "$bin/loadlab" receive --listen "$receiver" > "$work/receiver.txt" &
+rcv=$!; pids+=("$rcv")
+
+log "seeding ${READERS} readers"
+start_services
+python3 benches/feed/seed.py --url "http://127.0.0.1:$feed_port" --out "$work/seed" --readers "$READERS" >/dev/null
+# Fan-out of the seed posts must finish before measuring.
+for _ in $(seq 1 600); do
+  [ "$(curl -fs "http://127.0.0.1:$feed_port/metrics" | awk '$1 == "loadlab_fanout_backlog" {print $2}')" = 0 ] && break
+  sleep 0.2
+done
+stop_services
+
+base_first=$(measure "no telemetry (first)")
+declare -A rps
+for r in $RATIOS; do
+  rps[$r]=$(measure "sampling $r" --otlp-endpoint "http://$receiver" --trace-sample-ratio "$r")
+done
+base_last=$(measure "no telemetry (last)")
+kill -TERM "$rcv"; wait "$rcv" 2>/dev/null || true
+say "$(head -n 2 "$work/receiver.txt" | tail -n 1)"
+
+base=$(python3 -c "print(($base_first + $base_last) / 2)")
+say "baseline (mean of first and last): ${base} req/s"
+for r in $RATIOS; do
+  say "$(python3 -c "
+r, v, b = '$r', float('${rps[$r]}'), $base
+target = {'0.01': 0.95, '1.0': 0.85}.get(r)
+verdict = '' if target is None else (' (target >= %.2f: %s)' % (target, 'met' if v / b >= target else 'MISSED'))
+print(f'sampling {r}: {v:.0f} req/s = {v / b:.3f} x no telemetry{verdict}')
+")"
+done
+psql -X -q "$LOADLAB_TEST_POSTGRES_URL" -c "drop schema if exists $schema cascade" >/dev/null
+redis-cli -u "$LOADLAB_TEST_REDIS_URL" --scan --pattern "${prefix}*" | xargs -r -n 500 redis-cli -u "$LOADLAB_TEST_REDIS_URL" unlink >/dev/null
+say "report: $report"

@@ -1,0 +1,214 @@
+//! W3C trace context across hops: HTTP headers and gRPC metadata (both are HTTP headers here),
+//! and a compact [`TraceParent`] for hand-offs through queues and pub/sub, where the consumer's
+//! span *links* to the producer's instead of becoming its child.
+
+use std::fmt;
+use std::str::FromStr;
+
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// The caller's context from `traceparent`/`tracestate` headers (empty when absent or when no
+/// propagator is installed, i.e. telemetry is off).
+pub fn extract(headers: &http::HeaderMap) -> opentelemetry::Context {
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
+}
+
+/// Writes `span`'s context into `headers` (nothing when the span is not recorded).
+pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    let cx = span.context();
+    if cx.span().span_context().is_valid() {
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(&cx, &mut HeaderInjector(headers));
+        });
+    }
+}
+
+/// Whether the current span belongs to a sampled trace. Client spans (Redis, gRPC) are only
+/// created under a sampled parent: an unsampled request then costs one span per service hop,
+/// not one per operation, which is most of what tracing costs a read at low sampling ratios.
+/// False when telemetry is off.
+pub fn current_is_sampled() -> bool {
+    let current = tracing::Span::current();
+    !current.is_none() && current.context().span().span_context().is_sampled()
+}
+
+/// A span's identity, small enough to travel with a queued job or a published message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceParent {
+    /// 128-bit trace id.
+    pub trace_id: u128,
+    /// 64-bit span id of the producing span.
+    pub span_id: u64,
+    /// Whether the producer's trace is sampled.
+    pub sampled: bool,
+}
+
+impl TraceParent {
+    /// The identity of `span`, if it is recorded by OpenTelemetry.
+    pub fn of(span: &tracing::Span) -> Option<TraceParent> {
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then(|| TraceParent {
+            trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+            span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
+            sampled: sc.is_sampled(),
+        })
+    }
+
+    /// The identity of the current span.
+    pub fn current() -> Option<TraceParent> {
+        TraceParent::of(&tracing::Span::current())
+    }
+
+    /// As a remote span context.
+    pub fn span_context(&self) -> SpanContext {
+        SpanContext::new(
+            TraceId::from_bytes(self.trace_id.to_be_bytes()),
+            SpanId::from_bytes(self.span_id.to_be_bytes()),
+            if self.sampled {
+                TraceFlags::SAMPLED
+            } else {
+                TraceFlags::default()
+            },
+            true,
+            TraceState::default(),
+        )
+    }
+
+    /// Links `span` to this producer span (call before `span` is first entered, so that the
+    /// link is part of the span's start and its sampling decision can see it).
+    pub fn link(&self, span: &tracing::Span) {
+        span.add_link(self.span_context());
+    }
+
+    /// The trace id as 32 lower-case hex digits (the form Jaeger's URLs use).
+    pub fn trace_id_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+}
+
+/// The `traceparent` header form: `00-<trace id>-<span id>-<flags>`.
+impl fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id,
+            self.span_id,
+            u8::from(self.sampled)
+        )
+    }
+}
+
+/// A malformed `traceparent`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed traceparent {0:?}")]
+pub struct TraceParentError(pub String);
+
+impl FromStr for TraceParent {
+    type Err = TraceParentError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || TraceParentError(s.chars().take(64).collect());
+        let mut parts = s.trim().split('-');
+        let (Some(version), Some(trace), Some(span), Some(flags)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        // Version 00 has exactly four fields; later versions may append more (W3C §3.2.4).
+        if version.len() != 2
+            || version == "ff"
+            || (version == "00" && parts.next().is_some())
+            || trace.len() != 32
+            || span.len() != 16
+            || flags.len() != 2
+        {
+            return Err(bad());
+        }
+        let trace_id = u128::from_str_radix(trace, 16).map_err(|_| bad())?;
+        let span_id = u64::from_str_radix(span, 16).map_err(|_| bad())?;
+        let flags = u8::from_str_radix(flags, 16).map_err(|_| bad())?;
+        u8::from_str_radix(version, 16).map_err(|_| bad())?;
+        if trace_id == 0 || span_id == 0 {
+            return Err(bad());
+        }
+        Ok(TraceParent {
+            trace_id,
+            span_id,
+            sampled: flags & 1 == 1,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_rejects_junk() {
+        let tp = TraceParent {
+            trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+            span_id: 0x00f067aa0ba902b7,
+            sampled: true,
+        };
+        let s = tp.to_string();
+        assert_eq!(s, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert_eq!(s.parse::<TraceParent>(), Ok(tp));
+        let unsampled: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+            .parse()
+            .expect("valid");
+        assert!(!unsampled.sampled);
+        for junk in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473x-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert!(junk.parse::<TraceParent>().is_err(), "{junk:?} accepted");
+        }
+        assert_eq!(tp.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(tp.span_context().is_remote());
+        assert!(tp.span_context().is_sampled());
+    }
+
+    #[test]
+    fn nothing_is_injected_without_a_recorded_span() {
+        let mut headers = http::HeaderMap::new();
+        inject(&tracing::Span::none(), &mut headers);
+        assert!(headers.is_empty());
+        assert!(TraceParent::current().is_none());
+    }
+}
