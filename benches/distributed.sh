@@ -102,7 +102,7 @@ PY
 
 # 2. The coordinator's merge cost.
 log "coordinator merge benchmark"
-bench_bin=$(ls -t "$target_dir"/release/deps/distributed-* 2>/dev/null | grep -v '\.d$' | head -n1)
+bench_bin=$(find "$target_dir/release/deps" -maxdepth 1 -type f -executable -name 'distributed-*' -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n1 | cut -d' ' -f2-)
 [ -n "$bench_bin" ] || { log "no release build of the distributed tests (unset SKIP_BUILD)"; exit 1; }
 "$bench_bin" --ignored --exact bench::coordinator_cpu_per_thousand_reports_per_second --nocapture 2>/dev/null \
   | grep '^coordinator merge' | tee -a "$report"
