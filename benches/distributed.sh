@@ -7,7 +7,7 @@
 #      what a generator process costs per request at that rate anyway, so the ratio isolates
 #      what distributing adds);
 #   2. the coordinator's merge cost: a `loadlab coordinator` fed realistic reports as fast as it
-#      takes them by 20 protocol clients — its CPU per 1 000 worker-reports/s.
+#      takes them by 200 protocol clients — its CPU per 1 000 worker-reports/s.
 # Every configuration runs ROUNDS times, interleaved; the round with the least CPU counts (the
 # machine is shared, and other work only ever adds to ours).
 # Knobs: RATE (4000/s), DURATION (10s), WORKERS ("1 2 4"), ROUNDS (2), SKIP_BUILD=1.

@@ -10,9 +10,10 @@
 //! crate's own deserializer. Blobs are only accepted in the runner's exact layout, and their
 //! inflated size is capped, so a bad blob cannot make the coordinator allocate much.
 
-use std::io::Read;
+use std::cell::RefCell;
 use std::sync::LazyLock;
 
+use flate2::{Decompress, FlushDecompress, Status};
 use hdrhistogram::Histogram;
 
 use crate::metrics;
@@ -128,33 +129,53 @@ fn varint(b: &[u8], at: &mut usize) -> Result<u64, BlobError> {
     Ok(value)
 }
 
+/// The most a valid blob of the runner's layout inflates to: the header plus nine bytes (the
+/// longest varint) per bucket.
+fn inflated_limit() -> usize {
+    HEADER_LEN + 9 * *BUCKETS
+}
+
+thread_local! {
+    /// One inflater and output buffer per thread, reset per blob: setting up a fresh one (its
+    /// window and tables zeroed) cost more than inflating a small blob.
+    static INFLATER: RefCell<(Decompress, Vec<u8>)> =
+        RefCell::new((Decompress::new(true), vec![0; inflated_limit()]));
+}
+
 /// Decodes a V2 or V2+DEFLATE blob of the runner's layout.
 pub fn decode(blob: &[u8]) -> Result<Sparse, BlobError> {
-    let cookie = be_u32(blob, 0)?;
-    let inflated;
-    let v2: &[u8] = match cookie {
-        V2_COOKIE => blob,
+    match be_u32(blob, 0)? {
+        V2_COOKIE => parse(blob),
         V2_COMPRESSED_COOKIE => {
             let len = be_u32(blob, 4)? as usize;
             let deflated = blob.get(8..8 + len).ok_or(BlobError::Truncated)?;
-            // Header plus nine bytes per bucket is the most a valid blob inflates to.
-            let limit = (HEADER_LEN + 9 * *BUCKETS) as u64 + 1;
-            let mut out = Vec::with_capacity(1_024);
-            flate2::read::ZlibDecoder::new(deflated)
-                .take(limit)
-                .read_to_end(&mut out)
-                .map_err(|e| BlobError::Deflate(e.to_string()))?;
-            if out.len() as u64 >= limit {
-                return Err(BlobError::Counts);
-            }
-            inflated = out;
-            if be_u32(&inflated, 0)? != V2_COOKIE {
-                return Err(BlobError::Cookie(be_u32(&inflated, 0)?));
-            }
-            &inflated
+            INFLATER.with_borrow_mut(|(inflater, out)| {
+                inflater.reset(true);
+                // Into a buffer zeroed once, of the most a valid blob inflates to (that is
+                // the cap); `decompress_vec` would zero its whole spare capacity every time.
+                let status = inflater
+                    .decompress(deflated, out, FlushDecompress::Finish)
+                    .map_err(|e| BlobError::Deflate(e.to_string()))?;
+                let produced = usize::try_from(inflater.total_out()).unwrap_or(usize::MAX);
+                let inflated = out.get(..produced).ok_or(BlobError::Counts)?;
+                match status {
+                    Status::StreamEnd => {}
+                    _ if produced >= out.len() => return Err(BlobError::Counts),
+                    _ => return Err(BlobError::Truncated),
+                }
+                let inner = be_u32(inflated, 0)?;
+                if inner != V2_COOKIE {
+                    return Err(BlobError::Cookie(inner));
+                }
+                parse(inflated)
+            })
         }
-        other => return Err(BlobError::Cookie(other)),
-    };
+        other => Err(BlobError::Cookie(other)),
+    }
+}
+
+/// Parses an uncompressed V2 histogram.
+fn parse(v2: &[u8]) -> Result<Sparse, BlobError> {
     let payload_len = be_u32(v2, 4)? as usize;
     let normalizing = be_u32(v2, 8)?;
     let digits = be_u32(v2, 12)?;
