@@ -6,11 +6,15 @@
 #      single process (target >= 0.9), and against one process at the per-worker rate (RATE/N:
 #      what a generator process costs per request at that rate anyway, so the ratio isolates
 #      what distributing adds);
-#   2. the coordinator's merge cost: a `loadlab coordinator` fed realistic reports as fast as it
+#   2. latency agreement where the target, not the generator, sets the latency: a target that
+#      answers after 10 ms, at DELAY_RATE/s, one process vs the same workers — merged p50/p99
+#      should match the single process's;
+#   3. the coordinator's merge cost: a `loadlab coordinator` fed realistic reports as fast as it
 #      takes them by 200 protocol clients — its CPU per 1 000 worker-reports/s.
 # Every configuration runs ROUNDS times, interleaved; the round with the least CPU counts (the
 # machine is shared, and other work only ever adds to ours).
-# Knobs: RATE (4000/s), DURATION (10s), WORKERS ("1 2 4"), ROUNDS (2), SKIP_BUILD=1.
+# Knobs: RATE (4000/s), DELAY_RATE (400/s), DURATION (10s), WORKERS ("1 2 4"), ROUNDS (2),
+# SKIP_BUILD=1.
 # Report in benches/out/distributed-<time>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +25,7 @@ RATE=${RATE:-4000}
 DURATION=${DURATION:-10s}
 WORKERS=${WORKERS:-"1 2 4"}
 ROUNDS=${ROUNDS:-2}
+DELAY_RATE=${DELAY_RATE:-400}
 target_dir=${CARGO_TARGET_DIR:-target}
 out_dir=benches/out
 mkdir -p "$out_dir"
@@ -60,8 +65,11 @@ http {
 CONF
 nginx -c "$work/nginx/nginx.conf" &
 pids+=($!)
+python3 benches/engine/target.py 18491 &
+pids+=($!)
 for _ in $(seq 1 50); do curl -fs http://127.0.0.1:18490/index.html >/dev/null 2>&1 && break; sleep 0.2; done
 curl -fs http://127.0.0.1:18490/index.html >/dev/null || { log "nginx did not start: $(cat "$work/nginx/error.log" 2>/dev/null)"; exit 1; }
+for _ in $(seq 1 50); do curl -fs http://127.0.0.1:18491/ok >/dev/null 2>&1 && break; sleep 0.2; done
 
 # /usr/bin/time counts the children loadlab waited for: coordinator + workers together.
 timed() { /usr/bin/time -f "%U %S" -o "$work/time" "$@"; }
@@ -120,7 +128,29 @@ for name in order:
 print("(req/CPU-s counts coordinator and workers together; target >= 0.9 x single)")
 PY
 
-# 2. The coordinator's merge cost.
+# 2. Latency agreement against a 10 ms target.
+log "latency agreement: 10 ms target at $DELAY_RATE/s"
+for w in 0 $WORKERS; do
+  flags=(); [ "$w" -gt 0 ] && flags=(--workers "$w")
+  "$loadlab" run --quiet --scenario http --url http://127.0.0.1:18491/delay/10 \
+    --executor constant-arrival-rate --rate "$DELAY_RATE" --duration "$DURATION" \
+    --pre-allocated-vus 32 --max-vus 256 --out "$work/delay-$w" "${flags[@]}" > /dev/null || true
+done
+python3 - "$work" $WORKERS <<'PY' | tee -a "$report"
+import json, sys
+w, workers = sys.argv[1], sys.argv[2:]
+def d(n):
+    m = json.load(open(f"{w}/delay-{n}/summary.json"))["metrics"]
+    return m["http_reqs"]["values"]["count"], m["http_req_duration"]["values"]
+reqs, base = d(0)
+print(f"10 ms target: single  {reqs:.0f} requests p50 {base['med']:.3f} ms p99 {base['p(99)']:.3f} ms")
+for n in workers:
+    reqs, v = d(n)
+    print(f"10 ms target: workers-{n} {reqs:.0f} requests p50 {v['med']:.3f} ms p99 {v['p(99)']:.3f} ms "
+          f"(vs single {v['med'] / base['med']:.3f} / {v['p(99)'] / base['p(99)']:.3f})")
+PY
+
+# 3. The coordinator's merge cost.
 log "coordinator merge benchmark"
 bench_bin=$(find "$target_dir/release/deps" -maxdepth 1 -type f -executable -name 'distributed-*' -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n1 | cut -d' ' -f2-)
 [ -n "$bench_bin" ] || { log "no release build of the distributed tests (unset SKIP_BUILD)"; exit 1; }
