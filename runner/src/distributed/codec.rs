@@ -14,10 +14,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use hdrhistogram::Histogram;
-use hdrhistogram::serialization::{Deserializer, Serializer, V2DeflateSerializer};
+use hdrhistogram::serialization::{Serializer, V2DeflateSerializer};
 use http::HeaderValue;
 use loadlab_proto::runner::v1 as pb;
 
+use super::hdr::{self, Sparse};
 use crate::metrics::{self, Buffer, ERROR_KINDS, EndpointId, HttpSeries};
 use crate::run::Prepared;
 use crate::scenario::chat::ChatData;
@@ -94,41 +95,27 @@ pub fn encode_histogram(h: &Histogram<u64>, which: &str) -> Result<Vec<u8>, Code
 
 /// Decodes a blob; `None` for an empty one. Only histograms with the runner's exact layout
 /// (1 µs – 1 h, 3 significant digits) are taken, so adding them can neither fail nor lose
-/// precision.
-pub fn decode_histogram(blob: &[u8], which: &str) -> Result<Option<Histogram<u64>>, CodecError> {
+/// precision (see [`super::hdr`]).
+pub fn decode_histogram(blob: &[u8], which: &str) -> Result<Option<Sparse>, CodecError> {
     if blob.is_empty() {
         return Ok(None);
     }
-    let err = |message: String| CodecError::Histogram {
-        which: which.to_owned(),
-        message,
-    };
-    let h: Histogram<u64> = Deserializer::new()
-        .deserialize(&mut &blob[..])
-        .map_err(|e| err(format!("{e:?}")))?;
-    if h.low() != 1 || h.high() != metrics::MAX_MICROS || h.sigfig() != 3 {
-        return Err(err(format!(
-            "layout {}..{} µs with {} digits, expected 1..{} µs with 3",
-            h.low(),
-            h.high(),
-            h.sigfig(),
-            metrics::MAX_MICROS
-        )));
-    }
-    Ok(Some(h))
+    hdr::decode(blob)
+        .map(Some)
+        .map_err(|e| CodecError::Histogram {
+            which: which.to_owned(),
+            message: e.to_string(),
+        })
 }
 
-/// Decodes a blob and adds it into `into`.
+/// Decodes a blob and adds it into `into` (a histogram of the runner's layout).
 pub fn add_histogram(
     into: &mut Histogram<u64>,
     blob: &[u8],
     which: &str,
 ) -> Result<(), CodecError> {
     if let Some(h) = decode_histogram(blob, which)? {
-        into.add(&h).map_err(|e| CodecError::Histogram {
-            which: which.to_owned(),
-            message: format!("{e:?}"),
-        })?;
+        h.add_to(into);
     }
     Ok(())
 }
@@ -229,22 +216,22 @@ struct DecodedSeries {
     key: (EndpointId, u16),
     count: u64,
     failed: u64,
-    duration: Option<Histogram<u64>>,
-    service: Option<Histogram<u64>>,
+    duration: Option<Sparse>,
+    service: Option<Sparse>,
 }
 
-/// A fully validated report, ready to be added to any number of buffers. Histograms stay as
-/// decoded (no zeroed full buffer is built per report: the coordinator adds each report to the
-/// run totals and to its interval, and allocating buffers dominated its cost).
+/// A fully validated report, ready to be added to any number of buffers. Histograms stay
+/// sparse (only their non-empty buckets): full histograms per report dominated the
+/// coordinator's cost.
 #[derive(Debug, Clone)]
 pub struct Decoded {
     /// The report's numbering, timing, VUs and generator sample.
     pub meta: ReportMeta,
     http: Vec<DecodedSeries>,
-    phases: Vec<(usize, Histogram<u64>)>,
-    iteration_duration: Option<Histogram<u64>>,
-    ws_connecting: Option<Histogram<u64>>,
-    ws_delivery_latency: Option<Histogram<u64>>,
+    phases: Vec<(usize, Sparse)>,
+    iteration_duration: Option<Sparse>,
+    ws_connecting: Option<Sparse>,
+    ws_delivery_latency: Option<Sparse>,
     errors: Vec<(&'static str, u64)>,
     iterations: u64,
     dropped: u64,
@@ -258,10 +245,9 @@ pub struct Decoded {
     ws_msgs_received: u64,
 }
 
-fn add_opt(into: &mut Histogram<u64>, h: Option<&Histogram<u64>>) {
+fn add_opt(into: &mut Histogram<u64>, h: Option<&Sparse>) {
     if let Some(h) = h {
-        // Same layout, checked when decoding: cannot fail.
-        let _ = into.add(h);
+        h.add_to(into);
     }
 }
 

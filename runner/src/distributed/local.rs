@@ -126,6 +126,13 @@ fn spawn_worker(
     if std::env::var_os("LOADLAB_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
         cmd.env("LOADLAB_LOG", "warn");
     }
+    // N workers on one machine share its cores: each gets its share of runtime threads rather
+    // than one per core, which would multiply idle spinning and context switches N-fold.
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = (cores / total.max(1) as usize).max(1);
+        cmd.env("TOKIO_WORKER_THREADS", threads.to_string());
+    }
     #[cfg(unix)]
     cmd.process_group(0);
     cmd.spawn().map_err(|e| {

@@ -4,6 +4,7 @@
 //!
 //! * [`shard`]: each worker's share of the executor, its VU ids and its slice of the users.
 //! * [`codec`]: interval buffers as HdrHistogram V2+DEFLATE blobs, set-up data, both ways.
+//! * [`hdr`]: histogram blobs decoded sparsely (exact, and cheap for the coordinator).
 //! * [`merge`]: the coordinator's exact merge of the reports into totals and intervals.
 //! * [`coordinator`]: registration, set-up once, the barrier and scheduled start, merging,
 //!   worker loss, stop, and the summary.
@@ -15,6 +16,7 @@ use std::time::Duration;
 pub mod cli;
 pub mod codec;
 pub mod coordinator;
+pub mod hdr;
 pub mod local;
 pub mod merge;
 mod service;
