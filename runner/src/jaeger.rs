@@ -436,7 +436,11 @@ pub async fn enrich_run(summary: &mut crate::summary::Summary, spec: &crate::spe
     let Some(tracing) = spec.tracing.as_ref() else {
         return;
     };
-    let Some(url) = tracing.jaeger_url.as_deref().filter(|u| !u.trim().is_empty()) else {
+    let Some(url) = tracing
+        .jaeger_url
+        .as_deref()
+        .filter(|u| !u.trim().is_empty())
+    else {
         return;
     };
     if tracing.sample_ratio <= 0.0 {
