@@ -83,14 +83,19 @@ k6_reqs=$(python3 -c "import json; print(int(json.load(open('$work/k6.json'))['m
 timed "$loadlab" run --quiet --scenario http --url http://127.0.0.1:18480/index.html --executor constant-vus \
   --vus "$CONNECTIONS" --duration "$DURATION" --out "$work/ll-static" > /dev/null
 ll_reqs=$(python3 -c "import json; print(int(json.load(open('$work/ll-static/summary.json'))['metrics']['http_reqs']['values']['count']))"); ll_cpu=$(cpu_s)
-python3 - "$wrk_reqs" "$wrk_cpu" "$k6_reqs" "$k6_cpu" "$ll_reqs" "$ll_cpu" <<'PY' | tee -a "$report"
+# The same with one engine thread, like wrk -t1 (the default is one per CPU).
+LOADLAB_ENGINE_THREADS=1 timed "$loadlab" run --quiet --scenario http --url http://127.0.0.1:18480/index.html \
+  --executor constant-vus --vus "$CONNECTIONS" --duration "$DURATION" --out "$work/ll-static1" > /dev/null
+ll1_reqs=$(python3 -c "import json; print(int(json.load(open('$work/ll-static1/summary.json'))['metrics']['http_reqs']['values']['count']))"); ll1_cpu=$(cpu_s)
+python3 - "$wrk_reqs" "$wrk_cpu" "$k6_reqs" "$k6_cpu" "$ll_reqs" "$ll_cpu" "$ll1_reqs" "$ll1_cpu" <<'PY' | tee -a "$report"
 import sys
-wr, wc, kr, kc, lr, lc = map(float, sys.argv[1:])
-w, k, l = wr / wc, kr / kc, lr / lc
-print(f"static nginx: wrk {wr:.0f} requests / {wc:.2f} CPU-s = {w:,.0f} req/CPU-s")
+wr, wc, kr, kc, lr, lc, l1r, l1c = map(float, sys.argv[1:])
+w, k, l, l1 = wr / wc, kr / kc, lr / lc, l1r / l1c
+print(f"static nginx: wrk -t1 {wr:.0f} requests / {wc:.2f} CPU-s = {w:,.0f} req/CPU-s")
 print(f"static nginx: k6  {kr:.0f} requests / {kc:.2f} CPU-s = {k:,.0f} req/CPU-s")
 print(f"static nginx: loadlab {lr:.0f} requests / {lc:.2f} CPU-s = {l:,.0f} req/CPU-s")
-print(f"loadlab / wrk = {l / w:.2f} (target >= 0.7); loadlab / k6 = {l / k:.2f} (target >= 3)")
+print(f"static nginx: loadlab, 1 engine thread {l1r:.0f} requests / {l1c:.2f} CPU-s = {l1:,.0f} req/CPU-s")
+print(f"loadlab / wrk = {l / w:.2f}, with 1 engine thread {l1 / w:.2f} (target >= 0.7); loadlab / k6 = {l / k:.2f} (target >= 3)")
 PY
 
 # 2. Memory: 10 000 VUs against a 1 s target.

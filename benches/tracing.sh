@@ -53,16 +53,17 @@ wait_ready() {
 svc=()
 start_services() { # start_services [TELEMETRY FLAGS...]
   LOADLAB_LOG=warn "$bin/loadlab-timeline" "${common[@]}" "$@" \
-    --listen "127.0.0.1:$timeline_port" --feed-url "http://127.0.0.1:$feed_port" &
+    --listen "127.0.0.1:$timeline_port" --feed-url "http://127.0.0.1:$feed_port" >> "$work/services.log" 2>&1 &
   svc=($!)
   LOADLAB_LOG=warn "$bin/loadlab-feed" "${common[@]}" "$@" --migrate \
     --password-memory-kib 256 --password-iterations 1 \
-    --listen "127.0.0.1:$feed_port" --timeline-url "http://127.0.0.1:$timeline_port" &
+    --listen "127.0.0.1:$feed_port" --timeline-url "http://127.0.0.1:$timeline_port" >> "$work/services.log" 2>&1 &
   svc+=($!)
   pids+=("${svc[@]}")
   wait_ready "http://127.0.0.1:$timeline_port"
   wait_ready "http://127.0.0.1:$feed_port"
 }
+# Service logs go to a file: measure's stdout is its figure.
 stop_services() { kill -TERM "${svc[@]}"; wait "${svc[@]}" 2>/dev/null || true; }
 
 measure() { # measure LABEL [TELEMETRY FLAGS...]: prints req/s

@@ -3,8 +3,9 @@
 //!
 //! Each connection's stream is wrapped in `TimedIo`, which records in a per-connection cell when
 //! the request's first and last bytes were written and when the response's first byte was read.
-//! The engine holds one [`VuConnection`] per virtual user, so nothing here is shared between
-//! tasks except that cell (written by the connection driver, read by the request's task).
+//! The engine holds one [`VuConnection`] per virtual user, and hyper's connection future is
+//! polled by the VU's own task alongside the request (not spawned): a request costs no wake-up
+//! of another task, nothing is shared between tasks, and a dropped connection stops at once.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -29,7 +30,6 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
 /// Settings shared by every connection of a [`Client`].
@@ -402,7 +402,10 @@ impl VuConnection {
         let mut pooled = take(&mut self.conns, target);
         if let Some(conn) = &mut pooled {
             // Closed by the server while idle: not a failure, just open a new one.
-            if conn.sender.is_closed() || conn.sender.ready().await.is_err() {
+            if conn.driver.is_none()
+                || conn.sender.is_closed()
+                || drive(&mut conn.driver, conn.sender.ready()).await.is_err()
+            {
                 pooled = None;
             }
         }
@@ -435,7 +438,7 @@ impl VuConnection {
 
         progress.begin(&conn.stats);
         let sent = loop {
-            match conn.sender.try_send_request(req).await {
+            match drive(&mut conn.driver, conn.sender.try_send_request(req)).await {
                 Ok(response) => break response,
                 Err(mut err) => match err.take_message() {
                     // The connection died before hyper took the request, so nothing was written:
@@ -459,7 +462,7 @@ impl VuConnection {
         let (head, mut incoming) = sent.into_parts();
         let mut kept = KeptBody::new(shared.config.keep_body_bytes);
         let mut body_len = 0u64;
-        while let Some(frame) = incoming.frame().await {
+        while let Some(frame) = drive(&mut conn.driver, incoming.frame()).await {
             let frame = frame.map_err(|err| {
                 progress.fail(
                     classify(&err),
@@ -486,7 +489,7 @@ impl VuConnection {
             headers: head.headers,
         };
         // Announced closes are honoured now instead of discovered by the next request.
-        if !close_requested && !wants_close(&response.headers) {
+        if !close_requested && !wants_close(&response.headers) && conn.driver.is_some() {
             self.conns.push(conn);
         }
         Ok(response)
@@ -655,15 +658,35 @@ struct Conn {
     host_header: HeaderValue,
     sender: http1::SendRequest<Full<Bytes>>,
     stats: Arc<IoStats>,
-    driver: JoinHandle<()>,
+    /// hyper's connection future (it does the reading and writing); `None` once it ended, i.e.
+    /// the connection is closed. Dropping it closes the socket.
+    driver: Option<Driver>,
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        // hyper would finish reading an abandoned response first; a dropped connection must not
-        // keep a socket (and the server's resources) busy behind the engine's back.
-        self.driver.abort();
-    }
+/// A connection's I/O future, polled by the task that uses the connection.
+type Driver = Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>;
+
+/// Runs `fut` (a request's step on the connection) while polling the connection's `driver`,
+/// which moves its bytes; a driver that ends is dropped (the request then sees the closed
+/// connection through hyper's channel).
+async fn drive<F: Future>(driver: &mut Option<Driver>, fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(out);
+        }
+        if let Some(d) = driver.as_mut()
+            && let Poll::Ready(ended) = d.as_mut().poll(cx)
+        {
+            // The request that hit this error reports it; the driver only leaves a trace.
+            if let Err(err) = ended {
+                tracing::debug!(error = %err, "HTTP/1.1 connection ended with an error");
+            }
+            *driver = None;
+        }
+        fut.as_mut().poll(cx)
+    })
+    .await
 }
 
 async fn connect(
@@ -813,14 +836,14 @@ async fn connect(
         host_header,
         sender,
         stats,
-        driver,
+        driver: Some(driver),
     })
 }
 
 async fn start_driver<S>(
     stream: S,
     stats: Arc<IoStats>,
-) -> Result<(http1::SendRequest<Full<Bytes>>, JoinHandle<()>), hyper::Error>
+) -> Result<(http1::SendRequest<Full<Bytes>>, Driver), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -830,13 +853,7 @@ where
         unflushed: false,
     });
     let (sender, connection) = http1::handshake(io).await?;
-    let driver = tokio::spawn(async move {
-        // The request that hit this error reports it; the driver only leaves a trace.
-        if let Err(err) = connection.await {
-            tracing::debug!(error = %err, "HTTP/1.1 connection ended with an error");
-        }
-    });
-    Ok((sender, driver))
+    Ok((sender, Box::pin(connection)))
 }
 
 fn describe(action: &str, target: &Target<'_>, err: &hyper::Error) -> String {

@@ -375,6 +375,84 @@ impl JaegerClient {
     }
 }
 
+/// Traces asked of Jaeger for a report at most.
+pub const REPORT_TRACE_LIMIT: u32 = 100;
+/// How long after the last span's export a run waits before asking Jaeger (the collector
+/// batches and indexes spans before they can be found).
+pub const INDEX_DELAY: Duration = Duration::from_secs(3);
+/// The window asked of Jaeger reaches this far past the end of the run (late server spans).
+const WINDOW_SLACK: Duration = Duration::from_secs(5);
+
+fn rfc3339(s: &str) -> Option<SystemTime> {
+    let t = chrono::DateTime::parse_from_rfc3339(s).ok()?;
+    let nanos = u64::try_from(t.timestamp_nanos_opt()?).ok()?;
+    Some(UNIX_EPOCH + Duration::from_nanos(nanos))
+}
+
+/// Adds what Jaeger knows about a finished run to its summary: the slowest traces of the run's
+/// window rooted in the generator's client spans (service `loadlab`, at least as long as the
+/// run's p99) join `traces`, every trace reference is linked as `<jaeger_url>/trace/<id>`, and
+/// when no receiver filled `server.spans` the per-service span breakdown of those traces
+/// does. Returns how many traces Jaeger gave.
+pub async fn enrich(
+    summary: &mut crate::summary::Summary,
+    jaeger_url: &str,
+) -> Result<usize, JaegerError> {
+    let client = JaegerClient::new(jaeger_url)?;
+    let ended = rfc3339(&summary.run.ended_at).unwrap_or_else(SystemTime::now);
+    let started = rfc3339(&summary.run.started_at).unwrap_or(ended);
+    let load_start = ended
+        .checked_sub(Duration::from_secs_f64(summary.run.duration_s.max(0.0)))
+        .unwrap_or(started)
+        .max(started);
+    let min_duration = summary
+        .metrics
+        .get("http_req_duration")
+        .and_then(|m| m.values.get("p(99)"))
+        .copied()
+        .filter(|ms| ms.is_finite() && *ms >= 1.0)
+        .map(|ms| Duration::from_millis(ms.floor() as u64));
+    let query = TraceQuery {
+        service: "loadlab".into(),
+        start: started,
+        end: ended + WINDOW_SLACK,
+        min_duration,
+        limit: REPORT_TRACE_LIMIT,
+    };
+    let (found, traces) = client.slowest(&query, load_start).await?;
+    let ours = std::mem::take(&mut summary.traces);
+    summary.traces =
+        crate::tracing_client::merge_refs(ours.into_iter().chain(found), Some(jaeger_url));
+    if summary.server.spans.is_empty() {
+        summary.server.spans = span_breakdown(&traces);
+    }
+    Ok(traces.len())
+}
+
+/// [`enrich`] for a run whose spec names a Jaeger (`tracing.jaegerUrl`, with sampling on):
+/// waits [`INDEX_DELAY`] for Jaeger to index the last spans; a Jaeger that cannot be asked
+/// costs a warning, not the report.
+pub async fn enrich_run(summary: &mut crate::summary::Summary, spec: &crate::spec::LoadTestSpec) {
+    let Some(tracing) = spec.tracing.as_ref() else {
+        return;
+    };
+    let Some(url) = tracing
+        .jaeger_url
+        .as_deref()
+        .filter(|u| !u.trim().is_empty())
+    else {
+        return;
+    };
+    if tracing.sample_ratio <= 0.0 {
+        return;
+    }
+    tokio::time::sleep(INDEX_DELAY).await;
+    match enrich(summary, url).await {
+        Ok(n) => tracing::info!(traces = n, jaeger = url, "slow traces from Jaeger"),
+        Err(e) => tracing::warn!(error = %e, "the report has no traces from Jaeger"),
+    }
+}
+
 /// The per-service span breakdown of Jaeger traces.
 pub fn span_breakdown(traces: &[Trace]) -> Vec<SpanStats> {
     let spans: Vec<ReceivedSpan> = traces.iter().flat_map(Trace::flatten).collect();

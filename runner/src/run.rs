@@ -441,6 +441,7 @@ async fn drive<I: Iteration>(
     );
     if let Some(tracing) = tracing {
         summary.traces = tracing.complete(&registry.endpoint_names()).await;
+        crate::jaeger::enrich_run(&mut summary, spec).await;
     }
     finish(summary, opts)
 }

@@ -345,7 +345,125 @@ impl ClientTracing {
     }
 }
 
+/// Merges slow-request references of several sources (the workers of a distributed run, or a
+/// run's own and Jaeger's): one per trace id (the longest duration seen wins), the
+/// [`SLOWEST_PER_INTERVAL`] slowest of each whole second, at most [`MAX_TRACE_REFS`] of the
+/// slowest overall, in time order; each linked to `jaeger_url` when one is given (an existing
+/// link is kept otherwise).
+pub fn merge_refs(
+    refs: impl IntoIterator<Item = TraceRef>,
+    jaeger_url: Option<&str>,
+) -> Vec<TraceRef> {
+    let mut by_id: std::collections::HashMap<String, TraceRef> = std::collections::HashMap::new();
+    for r in refs {
+        if r.trace_id.is_empty() || !r.duration_ms.is_finite() || !r.t.is_finite() {
+            continue;
+        }
+        match by_id.get_mut(&r.trace_id) {
+            Some(kept) if kept.duration_ms >= r.duration_ms => {
+                if kept.url.is_none() {
+                    kept.url = r.url;
+                }
+            }
+            Some(kept) => {
+                let url = kept.url.take();
+                *kept = r;
+                if kept.url.is_none() {
+                    kept.url = url;
+                }
+            }
+            None => {
+                by_id.insert(r.trace_id.clone(), r);
+            }
+        }
+    }
+    let mut per_second: std::collections::BTreeMap<u64, Vec<TraceRef>> =
+        std::collections::BTreeMap::new();
+    for r in by_id.into_values() {
+        per_second
+            .entry(r.t.max(0.0).floor() as u64)
+            .or_default()
+            .push(r);
+    }
+    let mut out: Vec<TraceRef> = Vec::new();
+    for mut bucket in per_second.into_values() {
+        bucket.sort_by(|a, b| {
+            b.duration_ms
+                .total_cmp(&a.duration_ms)
+                .then_with(|| a.trace_id.cmp(&b.trace_id))
+        });
+        bucket.truncate(SLOWEST_PER_INTERVAL);
+        out.append(&mut bucket);
+    }
+    if out.len() > MAX_TRACE_REFS {
+        out.sort_by(|a, b| b.duration_ms.total_cmp(&a.duration_ms));
+        out.truncate(MAX_TRACE_REFS);
+    }
+    out.sort_by(|a, b| {
+        a.t.total_cmp(&b.t)
+            .then_with(|| b.duration_ms.total_cmp(&a.duration_ms))
+    });
+    if let Some(base) = jaeger_url {
+        for r in &mut out {
+            r.url = Some(jaeger_link(base, &r.trace_id));
+        }
+    }
+    out
+}
+
 /// `<jaegerUrl>/trace/<id>`.
 pub fn jaeger_link(base: &str, trace_id: &str) -> String {
     format!("{}/trace/{trace_id}", base.trim_end_matches('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(t: f64, ms: f64, id: &str) -> TraceRef {
+        TraceRef {
+            t,
+            endpoint: "GET /x".into(),
+            duration_ms: ms,
+            trace_id: id.into(),
+            url: None,
+        }
+    }
+
+    #[test]
+    fn merged_refs_keep_the_slowest_per_second_once_each_in_time_order_and_linked() {
+        let refs = vec![
+            r(0.2, 5.0, "a"),
+            r(0.9, 50.0, "b"),
+            r(0.5, 20.0, "c"),
+            r(0.1, 1.0, "d"),
+            r(1.5, 7.0, "e"),
+            // The same trace from a second source: the longer one wins.
+            r(1.6, 9.0, "e"),
+            r(2.0, f64::NAN, "f"),
+            r(2.0, 3.0, ""),
+        ];
+        let out = merge_refs(refs, Some("http://jaeger:16686/"));
+        let ids: Vec<&str> = out.iter().map(|r| r.trace_id.as_str()).collect();
+        // "d" was the fourth of second 0; time order within the second.
+        assert_eq!(ids, ["a", "c", "b", "e"], "{out:?}");
+        assert_eq!(out[3].duration_ms, 9.0);
+        assert_eq!(
+            out[2].url.as_deref(),
+            Some("http://jaeger:16686/trace/b"),
+            "linked"
+        );
+    }
+
+    #[test]
+    fn merged_refs_are_capped_to_the_slowest_overall() {
+        let refs = (0..(MAX_TRACE_REFS + 50))
+            .map(|i| r(i as f64, i as f64, &format!("{i:032x}")))
+            .collect::<Vec<_>>();
+        let out = merge_refs(refs, None);
+        assert_eq!(out.len(), MAX_TRACE_REFS);
+        assert_eq!(out[0].duration_ms, 50.0, "the fastest 50 went");
+        assert!(out.windows(2).all(|w| w[0].t <= w[1].t), "time order");
+        assert!(out.iter().all(|r| r.url.is_none()));
+    }
 }

@@ -286,6 +286,20 @@ async fn a_home_timeline_read_is_one_trace_and_fan_out_links_to_the_post() {
     )
     .await;
     assert_eq!(status, 200);
+    // A read the generator did not sample: no service creates a span for it.
+    let unsampled_trace = "0af7651916cd43dd8448eb211c80319c";
+    let r = s
+        .http
+        .get(format!("{feed}/v1/users/{reader_id}/timeline?limit=10"))
+        .bearer_auth(&reader_token)
+        .header(
+            "traceparent",
+            format!("00-{unsampled_trace}-b7ad6b7169203331-00"),
+        )
+        .send()
+        .await
+        .expect("unsampled read");
+    assert_eq!(r.status(), 200);
     let refs = tracing
         .clone()
         .complete(&["GET /v1/users/{id}/timeline".to_owned()])
@@ -308,6 +322,22 @@ async fn a_home_timeline_read_is_one_trace_and_fan_out_links_to_the_post() {
         .await;
     let spans = received.trace(&read_trace);
     assert!(complete, "incomplete trace: {spans:#?}");
+    // Exported in the same batches as the complete trace: none of the unsampled read.
+    assert_eq!(received.trace(unsampled_trace), Vec::new());
+    // Reads without a traceparent were drawn at the edge (ratio 1: all sampled) and are roots,
+    // with the edge's marker taken off before export.
+    let all = received.spans();
+    assert!(
+        all.iter().any(|s| s.service == "feed"
+            && s.name == "GET /v1/users/{id}/timeline"
+            && s.parent_span_id.is_empty()),
+        "edge-sampled roots"
+    );
+    assert!(
+        all.iter()
+            .all(|s| s.attribute("loadlab.edge_sampled").is_none()),
+        "the marker leaked"
+    );
     let client_span = one(&spans, "client span", |s| s.service == "loadlab");
     assert_eq!(client_span.kind, 3, "client kind");
     assert!(

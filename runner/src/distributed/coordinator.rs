@@ -31,7 +31,7 @@ use crate::run::{
     self, Collected, Prepared, RunError, RunOptions, RunOutcome, interval_point, show_progress,
 };
 use crate::spec::{LoadTestSpec, OnWorkerLoss, ScenarioName, SpecError};
-use crate::summary::{Distribution, LostWorker, Verdict, WorkerRecord};
+use crate::summary::{Distribution, LostWorker, Summary, TraceRef, Verdict, WorkerRecord};
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
@@ -203,8 +203,35 @@ impl Coordinator {
         server_stop.trigger();
         // Sessions close with their senders; give the server a moment to say goodbye.
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-        result
+        Ok(report(result?, &spec, &opts.run).await?)
     }
+}
+
+/// A summarized run, before its report: what Jaeger adds comes first (it needs awaiting).
+struct Finished {
+    summary: Summary,
+    /// The run failed before it could finish (exit code [`EXIT_RUN_INCOMPLETE`]).
+    incomplete: bool,
+}
+
+/// Writes the report of a finished run, with Jaeger's slow traces when the spec names a Jaeger.
+async fn report(
+    finished: Finished,
+    spec: &LoadTestSpec,
+    opts: &RunOptions,
+) -> Result<RunOutcome, RunError> {
+    let Finished {
+        mut summary,
+        incomplete,
+    } = finished;
+    if !incomplete {
+        crate::jaeger::enrich_run(&mut summary, spec).await;
+    }
+    let mut outcome = run::finish(summary, opts)?;
+    if incomplete {
+        outcome.exit_code = EXIT_RUN_INCOMPLETE;
+    }
+    Ok(outcome)
 }
 
 #[derive(Default)]
@@ -297,7 +324,7 @@ impl<'a> RunLoop<'a> {
         mut self,
         events: &mut mpsc::Receiver<Event>,
         stop: Shutdown,
-    ) -> Result<RunOutcome, CoordinatorError> {
+    ) -> Result<Finished, CoordinatorError> {
         let started_at = chrono::Utc::now();
         let cpu_before = procstat::sample(std::process::id());
         let n = self.opts.workers;
@@ -584,7 +611,7 @@ impl<'a> RunLoop<'a> {
         &mut self,
         registration_deadline: Instant,
         timeout: Duration,
-    ) -> Option<Result<RunOutcome, CoordinatorError>> {
+    ) -> Option<Result<Finished, CoordinatorError>> {
         let now = Instant::now();
         let mut silent = Vec::new();
         let mut deaf = Vec::new();
@@ -723,7 +750,7 @@ impl<'a> RunLoop<'a> {
         started_at: chrono::DateTime<chrono::Utc>,
         ended_at: chrono::DateTime<chrono::Utc>,
         coordinator_cpu_s: f64,
-    ) -> Result<RunOutcome, RunError> {
+    ) -> Result<Finished, RunError> {
         for interval in self.merger.drain() {
             self.emit(&interval);
         }
@@ -840,10 +867,28 @@ impl<'a> RunLoop<'a> {
                 None => note,
             });
         }
-        let mut outcome = run::finish(summary, &self.opts.run)?;
-        if self.failure.is_some() {
-            outcome.exit_code = EXIT_RUN_INCOMPLETE;
-        }
-        Ok(outcome)
+        // The workers' slowest sampled requests, merged (they run on one clock, the start).
+        let jaeger_url = self
+            .spec
+            .tracing
+            .as_ref()
+            .and_then(|t| t.jaeger_url.as_deref());
+        let refs = self
+            .workers
+            .iter_mut()
+            .filter_map(|w| w.done.as_mut())
+            .flat_map(|d| std::mem::take(&mut d.traces))
+            .map(|t| TraceRef {
+                t: t.t,
+                endpoint: t.endpoint,
+                duration_ms: t.duration_ms,
+                trace_id: t.trace_id,
+                url: None,
+            });
+        summary.traces = crate::tracing_client::merge_refs(refs, jaeger_url);
+        Ok(Finished {
+            summary,
+            incomplete: self.failure.is_some(),
+        })
     }
 }

@@ -448,6 +448,9 @@ impl Worker<'_> {
             generator,
             requests: 0,
         };
+        // Request tracing of this worker's share (sampling, `traceparent`, client spans); its
+        // slowest sampled requests go to the coordinator with the `Done`.
+        let tracing = crate::tracing_client::for_run(self.spec);
         let execution = executor::execute(
             &self.spec.executor,
             workload,
@@ -517,6 +520,10 @@ impl Worker<'_> {
         // An execution cut off here is dropped, which aborts its VUs.
         probe_stop.trigger();
         let _ = prober.await;
+        let traces = match tracing {
+            Some(t) => t.complete(&self.registry.endpoint_names()).await,
+            None => Vec::new(),
+        };
         if let Some(reason) = orphaned {
             return Err(lost(reason));
         }
@@ -533,6 +540,15 @@ impl Worker<'_> {
                 duration_s: execution.duration.as_secs_f64(),
                 interrupted: execution.interrupted,
                 stopped_early: execution.stopped_early || aborted,
+                traces: traces
+                    .into_iter()
+                    .map(|r| pb::SlowTrace {
+                        t: r.t,
+                        endpoint: r.endpoint,
+                        duration_ms: r.duration_ms,
+                        trace_id: r.trace_id,
+                    })
+                    .collect(),
             }),
         )
         .map_err(lost)?;

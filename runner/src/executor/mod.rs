@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use crate::metrics::{Recorder, Registry};
 use crate::spec::ExecutorSpec;
 
+pub mod pool;
 pub mod schedule;
 
 use schedule::{ArrivalSchedule, Ramp};
@@ -93,20 +94,30 @@ pub async fn execute<I: Iteration>(
 ) -> Execution {
     let start = Instant::now();
     let graceful = spec.graceful_stop();
+    // VUs run on the engine's threads: the generator guard watches their timers too.
+    let probes = Shutdown::new();
+    if let Some(pool) = pool::pool() {
+        for handle in pool.handles() {
+            handle.spawn(probe_timer_lag(pacing.clone(), probes.clone()));
+        }
+    }
     let mut vus = JoinSet::new();
     let stopped_early = match spec {
         ExecutorSpec::ConstantVus(e) => {
             let end = start + e.duration;
             for id in 0..u64::from(e.vus) {
                 let plan = VuPlan::Until(end);
-                vus.spawn(vu_loop(
-                    iteration.clone(),
-                    registry.clone(),
-                    id,
-                    plan,
-                    start,
-                    stop.clone(),
-                ));
+                pool::spawn_vu(
+                    &mut vus,
+                    vu_loop(
+                        iteration.clone(),
+                        registry.clone(),
+                        id,
+                        plan,
+                        start,
+                        stop.clone(),
+                    ),
+                );
             }
             registry.vus_max.store(u64::from(e.vus), Ordering::Relaxed);
             wait_until(end, &stop).await
@@ -121,14 +132,17 @@ pub async fn execute<I: Iteration>(
                     index: id,
                     end,
                 };
-                vus.spawn(vu_loop(
-                    iteration.clone(),
-                    registry.clone(),
-                    id,
-                    plan,
-                    start,
-                    stop.clone(),
-                ));
+                pool::spawn_vu(
+                    &mut vus,
+                    vu_loop(
+                        iteration.clone(),
+                        registry.clone(),
+                        id,
+                        plan,
+                        start,
+                        stop.clone(),
+                    ),
+                );
             }
             registry.vus_max.store(max, Ordering::Relaxed);
             wait_until(end, &stop).await
@@ -140,14 +154,17 @@ pub async fn execute<I: Iteration>(
                     left: u64::from(e.iterations),
                     end,
                 };
-                vus.spawn(vu_loop(
-                    iteration.clone(),
-                    registry.clone(),
-                    id,
-                    plan,
-                    start,
-                    stop.clone(),
-                ));
+                pool::spawn_vu(
+                    &mut vus,
+                    vu_loop(
+                        iteration.clone(),
+                        registry.clone(),
+                        id,
+                        plan,
+                        start,
+                        stop.clone(),
+                    ),
+                );
             }
             registry.vus_max.store(u64::from(e.vus), Ordering::Relaxed);
             wait_for_vus_or(&mut vus, end, &stop).await
@@ -160,14 +177,17 @@ pub async fn execute<I: Iteration>(
                     left: left.clone(),
                     end,
                 };
-                vus.spawn(vu_loop(
-                    iteration.clone(),
-                    registry.clone(),
-                    id,
-                    plan,
-                    start,
-                    stop.clone(),
-                ));
+                pool::spawn_vu(
+                    &mut vus,
+                    vu_loop(
+                        iteration.clone(),
+                        registry.clone(),
+                        id,
+                        plan,
+                        start,
+                        stop.clone(),
+                    ),
+                );
             }
             registry.vus_max.store(u64::from(e.vus), Ordering::Relaxed);
             wait_for_vus_or(&mut vus, end, &stop).await
@@ -227,6 +247,7 @@ pub async fn execute<I: Iteration>(
             }
         }
     }
+    probes.trigger();
     registry.vus.store(0, Ordering::Relaxed);
     Execution {
         duration: start.elapsed(),
@@ -396,7 +417,7 @@ async fn arrivals<I: Iteration>(
             max_lateness,
             done: done.clone(),
         };
-        vus.spawn(vu.run(iteration.clone(), registry.clone()));
+        pool::spawn_vu(vus, vu.run(iteration.clone(), registry.clone()));
         *allocated += 1;
         registry.vus_max.store(*allocated, Ordering::Relaxed);
     };

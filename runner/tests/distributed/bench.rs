@@ -122,6 +122,7 @@ async fn synthetic_worker(url: String, index: u32, report: pb::IntervalReport) {
         duration_s: REPORTS_PER_WORKER as f64,
         interrupted: 0,
         stopped_early: false,
+        traces: Vec::new(),
     })))
     .await
     .expect("done");

@@ -8,3 +8,4 @@ mod peers;
 mod runs;
 mod stack;
 mod support;
+mod traces;

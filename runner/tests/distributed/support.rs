@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::routing::get;
 use loadlab::distributed::coordinator::{Coordinator, CoordinatorOptions};
 use loadlab::run::RunOptions;
@@ -29,6 +30,8 @@ pub struct Seen {
     pub requests: AtomicU64,
     /// Requests per VU id (`/vu/{id}`).
     pub vus: Mutex<BTreeMap<u64, u64>>,
+    /// `traceparent` trace ids sent to `/vu/{id}`, with their sampled flag.
+    pub traceparents: Mutex<BTreeMap<String, bool>>,
 }
 
 /// A running target.
@@ -53,9 +56,23 @@ pub async fn target() -> Target {
         .route(
             "/vu/{id}",
             get(
-                |State(s): State<Arc<Seen>>, Path(id): Path<u64>| async move {
+                |State(s): State<Arc<Seen>>, Path(id): Path<u64>, headers: HeaderMap| async move {
                     s.requests.fetch_add(1, Ordering::Relaxed);
                     *s.vus.lock().expect("not poisoned").entry(id).or_default() += 1;
+                    let tp = headers
+                        .get("traceparent")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    // `00-<trace id>-<span id>-<flags>`
+                    if let Some(tp) = tp {
+                        let parts: Vec<&str> = tp.split('-').collect();
+                        if let [_, trace, _, flags] = parts[..] {
+                            s.traceparents
+                                .lock()
+                                .expect("not poisoned")
+                                .insert(trace.to_owned(), flags == "01");
+                        }
+                    }
                     if id < SLOW_BELOW {
                         tokio::time::sleep(Duration::from_millis(SLOW_MS)).await;
                     }

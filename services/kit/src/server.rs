@@ -22,6 +22,7 @@ use tracing::Instrument as _;
 use crate::error::{ApiError, method_not_allowed_fallback, not_found_fallback};
 use crate::metrics::{self, Metrics};
 use crate::shutdown::Shutdown;
+use crate::telemetry::propagation::TraceParent;
 
 /// A boxed readiness probe: Ok when the dependency answers.
 pub type Check =
@@ -173,6 +174,35 @@ async fn trace_request(
     if untraced(path) {
         return crate::telemetry::in_service(service, next.run(request)).await;
     }
+    // Sampling is decided here, before any span exists: a caller's `traceparent` decides (the
+    // load generator's per-request choice), else this service's ratio for new traces. An
+    // unsampled request runs without spans at all — the largest share of what tracing costs —
+    // and passes its unsampled context on. With span export off, spans stay (they are cheap
+    // and feed the logs).
+    let parent = crate::telemetry::propagation::extract(request.headers());
+    let caller = TraceParent::of_context(&parent);
+    let mut edge_root = false;
+    if let Some(ratio) = crate::telemetry::root_sample_ratio() {
+        let sampled = match caller {
+            Some(tp) => tp.sampled,
+            None => ratio > 0.0 && rand::random::<f64>() < ratio,
+        };
+        if !sampled {
+            let tp = caller.unwrap_or_else(|| TraceParent {
+                trace_id: rand::random::<u128>().max(1),
+                span_id: rand::random::<u64>().max(1),
+                sampled: false,
+            });
+            return crate::telemetry::in_service(
+                service,
+                crate::telemetry::propagation::unsampled(tp, next.run(request)),
+            )
+            .await;
+        }
+        edge_root = caller.is_none();
+    }
+    // A new trace sampled here: the sampler must not draw again.
+    let edge_sampled = edge_root.then_some(true);
     let grpc = request
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -189,6 +219,7 @@ async fn trace_request(
             rpc.method = method,
             rpc.grpc.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
+            loadlab.edge_sampled = edge_sampled,
         )
     } else {
         let route = request
@@ -205,10 +236,10 @@ async fn trace_request(
             url.path = path,
             http.response.status_code = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
+            loadlab.edge_sampled = edge_sampled,
         )
     };
     // Before the span is first entered: its sampling decision follows the caller's.
-    let parent = crate::telemetry::propagation::extract(request.headers());
     if let Err(e) = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent) {
         tracing::debug!(error = %e, "cannot set the server span's parent");
     }

@@ -32,7 +32,7 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-pub use pipeline::{in_service, service_scope, sync_in_service};
+pub use pipeline::{in_service, root_sample_ratio, service_scope, sync_in_service};
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -150,10 +150,13 @@ pub fn init(format: LogFormat, otel: &OtelArgs) {
                 .with_threads(false)
                 .with_target(false)
                 .with_tracked_inactivity(false);
-            tracing_subscriber::Layer::with_filter(
-                layer,
+            // Requests the edge chose not to sample run without spans (see
+            // `propagation::unsampled`): whatever they start is not for export either.
+            let filter = tracing_subscriber::filter::FilterExt::and(
                 tracing_subscriber::filter::LevelFilter::INFO,
-            )
+                tracing_subscriber::filter::filter_fn(|_| !propagation::in_unsampled()),
+            );
+            tracing_subscriber::Layer::with_filter(layer, filter)
         })
     } else {
         None

@@ -21,6 +21,9 @@ use super::{EndpointFrom as _, OtelArgs, TelemetryError};
 
 /// Span attribute naming the service during export; removed before spans leave the process.
 const SERVICE_KEY: &str = "loadlab.service";
+/// Span attribute of a root span that the HTTP/gRPC edge already decided to sample (the
+/// sampler must not draw again); removed before spans leave the process.
+pub const EDGE_SAMPLED_KEY: &str = "loadlab.edge_sampled";
 
 tokio::task_local! {
     static SERVICE: &'static str;
@@ -44,6 +47,14 @@ pub fn service_scope() -> Option<&'static str> {
 struct Pipeline {
     provider: SdkTracerProvider,
     services: Arc<Services>,
+    /// The fraction of new traces (requests without a caller's context) that are sampled.
+    root_ratio: f64,
+}
+
+/// The fraction of new traces the pipeline samples; `None` when spans are not exported (no
+/// pipeline in this process). The edge uses it to decide before any span exists.
+pub fn root_sample_ratio() -> Option<f64> {
+    PIPELINE.get().map(|p| p.root_ratio)
 }
 
 static PIPELINE: OnceLock<Pipeline> = OnceLock::new();
@@ -77,11 +88,16 @@ pub(super) fn tracer(otel: &OtelArgs) -> Option<SdkTracer> {
             services: Arc::clone(&services),
         })
         .build();
+        let (sampler, root_ratio) = sampler(otel);
         let provider = SdkTracerProvider::builder()
             .with_span_processor(Tagger { processor })
-            .with_sampler(LinkAware(sampler(otel)))
+            .with_sampler(LinkAware(sampler))
             .build();
-        Pipeline { provider, services }
+        Pipeline {
+            provider,
+            services,
+            root_ratio,
+        }
     });
     Some(pipeline.provider.tracer("loadlab"))
 }
@@ -89,12 +105,14 @@ pub(super) fn tracer(otel: &OtelArgs) -> Option<SdkTracer> {
 /// The configured sampler: `--trace-sample-ratio` as parent-based ratio sampling, else
 /// `OTEL_TRACES_SAMPLER`/`OTEL_TRACES_SAMPLER_ARG`, else parent-based always-on (the SDK's
 /// default). Parent-based: a request that carries a `traceparent` follows its caller's
-/// decision, so the load generator's per-request choice holds across services.
-fn sampler(otel: &OtelArgs) -> Sampler {
-    let ratio = |arg: Option<f64>| Sampler::TraceIdRatioBased(arg.unwrap_or(1.0).clamp(0.0, 1.0));
+/// decision, so the load generator's per-request choice holds across services. Returned with
+/// the fraction of new traces it samples.
+fn sampler(otel: &OtelArgs) -> (Sampler, f64) {
+    let fraction = |arg: Option<f64>| arg.unwrap_or(1.0).clamp(0.0, 1.0);
+    let ratio = |arg: Option<f64>| Sampler::TraceIdRatioBased(fraction(arg));
     let parent_based = |root: Sampler| Sampler::ParentBased(Box::new(root));
     if let Some(r) = otel.trace_sample_ratio {
-        return parent_based(ratio(Some(r)));
+        return (parent_based(ratio(Some(r))), fraction(Some(r)));
     }
     let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG")
         .ok()
@@ -103,25 +121,26 @@ fn sampler(otel: &OtelArgs) -> Sampler {
         .as_deref()
         .map(str::trim)
     {
-        Ok("always_on") => Sampler::AlwaysOn,
-        Ok("always_off") => Sampler::AlwaysOff,
-        Ok("traceidratio") => ratio(arg),
-        Ok("parentbased_always_off") => parent_based(Sampler::AlwaysOff),
-        Ok("parentbased_traceidratio") => parent_based(ratio(arg)),
-        Ok("parentbased_always_on") | Err(_) => parent_based(Sampler::AlwaysOn),
+        Ok("always_on") => (Sampler::AlwaysOn, 1.0),
+        Ok("always_off") => (Sampler::AlwaysOff, 0.0),
+        Ok("traceidratio") => (ratio(arg), fraction(arg)),
+        Ok("parentbased_always_off") => (parent_based(Sampler::AlwaysOff), 0.0),
+        Ok("parentbased_traceidratio") => (parent_based(ratio(arg)), fraction(arg)),
+        Ok("parentbased_always_on") | Err(_) => (parent_based(Sampler::AlwaysOn), 1.0),
         Ok(other) => {
             tracing::warn!(
                 sampler = other,
                 "unsupported OTEL_TRACES_SAMPLER; sampling every trace"
             );
-            parent_based(Sampler::AlwaysOn)
+            (parent_based(Sampler::AlwaysOn), 1.0)
         }
     }
 }
 
 /// Samples a new root span whose links point at a sampled trace (a fan-out batch of a sampled
-/// post, a chat delivery of a sampled send), so the hand-off is visible whenever its cause is;
-/// everything else goes to the configured sampler.
+/// post, a chat delivery of a sampled send), so the hand-off is visible whenever its cause is,
+/// and a root the edge already decided to sample ([`EDGE_SAMPLED_KEY`]); everything else goes
+/// to the configured sampler.
 #[derive(Debug, Clone)]
 struct LinkAware(Sampler);
 
@@ -136,7 +155,12 @@ impl ShouldSample for LinkAware {
         links: &[Link],
     ) -> SamplingResult {
         let has_parent = parent_context.is_some_and(|cx| cx.has_active_span());
-        if !has_parent && links.iter().any(|l| l.span_context.is_sampled()) {
+        if !has_parent
+            && (links.iter().any(|l| l.span_context.is_sampled())
+                || attributes
+                    .iter()
+                    .any(|kv| kv.key.as_str() == EDGE_SAMPLED_KEY))
+        {
             return SamplingResult {
                 decision: SamplingDecision::RecordAndSample,
                 attributes: Vec::new(),
@@ -243,6 +267,8 @@ impl SpanExporter for RoutingExporter {
         let mut groups: Vec<(Option<Cow<'static, str>>, Vec<SpanData>)> = Vec::new();
         for mut span in batch {
             let service = take_service(&mut span);
+            span.attributes
+                .retain(|kv| kv.key.as_str() != EDGE_SAMPLED_KEY);
             match groups.iter_mut().find(|(s, _)| *s == service) {
                 Some((_, spans)) => spans.push(span),
                 None => groups.push((service, vec![span])),
@@ -324,7 +350,7 @@ mod tests {
             trace_sample_ratio: Some(0.0),
             ..OtelArgs::default()
         };
-        let s = LinkAware(sampler(&otel));
+        let s = LinkAware(sampler(&otel).0);
         assert_eq!(decide(&s, None, &[]), SamplingDecision::Drop);
         let sampled_parent = Context::new().with_remote_span_context(SpanContext::new(
             TraceId::from_bytes([1; 16]),
@@ -337,6 +363,51 @@ mod tests {
             decide(&s, Some(&sampled_parent), &[]),
             SamplingDecision::RecordAndSample
         );
+    }
+
+    #[test]
+    fn a_root_the_edge_sampled_is_sampled_and_a_parent_still_wins() {
+        let otel = OtelArgs {
+            trace_sample_ratio: Some(0.0),
+            ..OtelArgs::default()
+        };
+        let (sampler, ratio) = sampler(&otel);
+        assert_eq!(ratio, 0.0);
+        let s = LinkAware(sampler);
+        let edge = [KeyValue::new(EDGE_SAMPLED_KEY, true)];
+        let decide_with = |parent: Option<&Context>, attributes: &[KeyValue]| {
+            s.should_sample(
+                parent,
+                TraceId::from_bytes([9; 16]),
+                "GET /x",
+                &SpanKind::Server,
+                attributes,
+                &[],
+            )
+            .decision
+        };
+        assert_eq!(decide_with(None, &edge), SamplingDecision::RecordAndSample);
+        assert_eq!(decide_with(None, &[]), SamplingDecision::Drop);
+        let unsampled_parent = Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from_bytes([1; 16]),
+            SpanId::from_bytes([1; 8]),
+            TraceFlags::default(),
+            true,
+            TraceState::default(),
+        ));
+        assert_eq!(
+            decide_with(Some(&unsampled_parent), &edge),
+            SamplingDecision::Drop
+        );
+        let env_default = sampler_ratio_of(OtelArgs {
+            trace_sample_ratio: Some(0.25),
+            ..OtelArgs::default()
+        });
+        assert_eq!(env_default, 0.25);
+    }
+
+    fn sampler_ratio_of(otel: OtelArgs) -> f64 {
+        sampler(&otel).1
     }
 
     #[test]

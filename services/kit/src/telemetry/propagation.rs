@@ -42,13 +42,44 @@ pub fn extract(headers: &http::HeaderMap) -> opentelemetry::Context {
     opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
 }
 
-/// Writes `span`'s context into `headers` (nothing when the span is not recorded).
+tokio::task_local! {
+    /// The context of a request the edge decided not to sample: it runs without spans, and
+    /// passes this on so that the next service follows the decision instead of drawing anew.
+    static UNSAMPLED: TraceParent;
+}
+
+/// Runs `future` (a request's handling) as unsampled trace `tp`: no spans are exported from it
+/// and calls it makes carry `tp` with the sampled flag off.
+pub fn unsampled<F: std::future::Future>(
+    tp: TraceParent,
+    future: F,
+) -> impl std::future::Future<Output = F::Output> {
+    UNSAMPLED.scope(
+        TraceParent {
+            sampled: false,
+            ..tp
+        },
+        future,
+    )
+}
+
+/// Whether the current task handles an unsampled request (see [`unsampled`]).
+pub fn in_unsampled() -> bool {
+    UNSAMPLED.try_with(|_| ()).is_ok()
+}
+
+/// Writes `span`'s context into `headers`; for an unsampled request without spans, its
+/// unsampled context. Nothing otherwise (telemetry off, or the span is not recorded).
 pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
     let cx = span.context();
     if cx.span().span_context().is_valid() {
         opentelemetry::global::get_text_map_propagator(|p| {
             p.inject_context(&cx, &mut HeaderInjector(headers));
         });
+    } else if let Ok(tp) = UNSAMPLED.try_with(|tp| *tp)
+        && let Ok(v) = http::HeaderValue::from_str(&tp.to_string())
+    {
+        headers.insert("traceparent", v);
     }
 }
 
@@ -84,9 +115,20 @@ impl TraceParent {
         })
     }
 
-    /// The identity of the current span.
+    /// The identity of the current span (of the unsampled request being handled, when it
+    /// runs without spans).
     pub fn current() -> Option<TraceParent> {
-        TraceParent::of(&tracing::Span::current())
+        TraceParent::of(&tracing::Span::current()).or_else(|| UNSAMPLED.try_with(|tp| *tp).ok())
+    }
+
+    /// The caller's context as a `TraceParent`, if it carries a valid one.
+    pub fn of_context(cx: &opentelemetry::Context) -> Option<TraceParent> {
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then(|| TraceParent {
+            trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+            span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
+            sampled: sc.is_sampled(),
+        })
     }
 
     /// As a remote span context.
@@ -202,6 +244,36 @@ mod tests {
         assert_eq!(tp.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(tp.span_context().is_remote());
         assert!(tp.span_context().is_sampled());
+    }
+
+    #[tokio::test]
+    async fn an_unsampled_request_passes_its_context_on_unsampled() {
+        let tp = TraceParent {
+            trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+            span_id: 0x00f067aa0ba902b7,
+            sampled: true,
+        };
+        assert!(!in_unsampled());
+        let (headers, current, inside) = unsampled(tp, async {
+            let mut headers = http::HeaderMap::new();
+            inject(&tracing::Span::none(), &mut headers);
+            (headers, TraceParent::current(), in_unsampled())
+        })
+        .await;
+        assert!(inside);
+        assert_eq!(
+            headers.get("traceparent").and_then(|v| v.to_str().ok()),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+            "the flag is off whatever the caller said"
+        );
+        assert_eq!(
+            current,
+            Some(TraceParent {
+                sampled: false,
+                ..tp
+            })
+        );
+        assert!(!in_unsampled(), "the scope ends with the request");
     }
 
     #[test]
