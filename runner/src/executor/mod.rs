@@ -102,22 +102,25 @@ pub async fn execute<I: Iteration>(
         }
     }
     let mut vus = JoinSet::new();
+    let spawn_loop = |vus: &mut JoinSet<()>, id: u64, plan: VuPlan| {
+        pool::spawn_vu(
+            vus,
+            vu_loop(
+                iteration.clone(),
+                registry.clone(),
+                id,
+                plan,
+                start,
+                stop.clone(),
+            ),
+        );
+    };
     let stopped_early = match spec {
         ExecutorSpec::ConstantVus(e) => {
             let end = start + e.duration;
             for id in 0..u64::from(e.vus) {
                 let plan = VuPlan::Until(end);
-                pool::spawn_vu(
-                    &mut vus,
-                    vu_loop(
-                        iteration.clone(),
-                        registry.clone(),
-                        id,
-                        plan,
-                        start,
-                        stop.clone(),
-                    ),
-                );
+                spawn_loop(&mut vus, id, plan);
             }
             registry.vus_max.store(u64::from(e.vus), Ordering::Relaxed);
             wait_until(end, &stop).await
@@ -132,17 +135,7 @@ pub async fn execute<I: Iteration>(
                     index: id,
                     end,
                 };
-                pool::spawn_vu(
-                    &mut vus,
-                    vu_loop(
-                        iteration.clone(),
-                        registry.clone(),
-                        id,
-                        plan,
-                        start,
-                        stop.clone(),
-                    ),
-                );
+                spawn_loop(&mut vus, id, plan);
             }
             registry.vus_max.store(max, Ordering::Relaxed);
             wait_until(end, &stop).await
@@ -154,17 +147,7 @@ pub async fn execute<I: Iteration>(
                     left: u64::from(e.iterations),
                     end,
                 };
-                pool::spawn_vu(
-                    &mut vus,
-                    vu_loop(
-                        iteration.clone(),
-                        registry.clone(),
-                        id,
-                        plan,
-                        start,
-                        stop.clone(),
-                    ),
-                );
+                spawn_loop(&mut vus, id, plan);
             }
             registry.vus_max.store(u64::from(e.vus), Ordering::Relaxed);
             wait_for_vus_or(&mut vus, end, &stop).await
@@ -177,17 +160,7 @@ pub async fn execute<I: Iteration>(
                     left: left.clone(),
                     end,
                 };
-                pool::spawn_vu(
-                    &mut vus,
-                    vu_loop(
-                        iteration.clone(),
-                        registry.clone(),
-                        id,
-                        plan,
-                        start,
-                        stop.clone(),
-                    ),
-                );
+                spawn_loop(&mut vus, id, plan);
             }
             registry.vus_max.store(u64::from(e.vus), Ordering::Relaxed);
             wait_for_vus_or(&mut vus, end, &stop).await

@@ -308,6 +308,16 @@ mod tests {
         ))
     }
 
+    fn remote_parent(flags: TraceFlags) -> Context {
+        Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from_bytes([1; 16]),
+            SpanId::from_bytes([1; 8]),
+            flags,
+            true,
+            TraceState::default(),
+        ))
+    }
+
     fn decide(sampler: &LinkAware, parent: Option<&Context>, links: &[Link]) -> SamplingDecision {
         sampler
             .should_sample(
@@ -331,13 +341,7 @@ mod tests {
         assert_eq!(decide(&never, None, &[link(false)]), SamplingDecision::Drop);
         assert_eq!(decide(&never, None, &[]), SamplingDecision::Drop);
         // A span with a parent follows the parent, links or not.
-        let parent = Context::new().with_remote_span_context(SpanContext::new(
-            TraceId::from_bytes([1; 16]),
-            SpanId::from_bytes([1; 8]),
-            TraceFlags::default(),
-            true,
-            TraceState::default(),
-        ));
+        let parent = remote_parent(TraceFlags::default());
         assert_eq!(
             decide(&never, Some(&parent), &[link(true)]),
             SamplingDecision::Drop
@@ -352,13 +356,7 @@ mod tests {
         };
         let s = LinkAware(sampler(&otel).0);
         assert_eq!(decide(&s, None, &[]), SamplingDecision::Drop);
-        let sampled_parent = Context::new().with_remote_span_context(SpanContext::new(
-            TraceId::from_bytes([1; 16]),
-            SpanId::from_bytes([1; 8]),
-            TraceFlags::SAMPLED,
-            true,
-            TraceState::default(),
-        ));
+        let sampled_parent = remote_parent(TraceFlags::SAMPLED);
         assert_eq!(
             decide(&s, Some(&sampled_parent), &[]),
             SamplingDecision::RecordAndSample
@@ -388,13 +386,7 @@ mod tests {
         };
         assert_eq!(decide_with(None, &edge), SamplingDecision::RecordAndSample);
         assert_eq!(decide_with(None, &[]), SamplingDecision::Drop);
-        let unsampled_parent = Context::new().with_remote_span_context(SpanContext::new(
-            TraceId::from_bytes([1; 16]),
-            SpanId::from_bytes([1; 8]),
-            TraceFlags::default(),
-            true,
-            TraceState::default(),
-        ));
+        let unsampled_parent = remote_parent(TraceFlags::default());
         assert_eq!(
             decide_with(Some(&unsampled_parent), &edge),
             SamplingDecision::Drop
