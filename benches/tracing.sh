@@ -4,11 +4,13 @@
 # OTLP exporters pointed at a local receiver (`loadlab receive`) at trace sampling ratios
 # 0, 0.01, 0.1 and 1.0 (wrk sends no traceparent, so the services' own ratio decides).
 # Prints each configuration's throughput as a ratio of the no-telemetry baseline, which is
-# measured first and last (the mean of both is the reference: this machine is shared and noisy).
+# measured before and after each round of ratios (their mean is that round's reference: this
+# machine is shared and noisy).
 # Targets: >= 0.95 at 0.01 and >= 0.85 at 1.0.
 #
 # Knobs (environment): DURATION (15s), CONNECTIONS (64), THREADS (2), READERS (500),
-# RATIOS ("0 0.01 0.1 1.0"), SKIP_BUILD=1. Output also goes to benches/out/tracing-<time>.txt.
+# RATIOS ("0 0.01 0.1 1.0"), ROUNDS (1; the median of the rounds is reported), SKIP_BUILD=1.
+# Output also goes to benches/out/tracing-<time>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/datastores.sh
@@ -19,6 +21,7 @@ CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 READERS=${READERS:-500}
 RATIOS=${RATIOS:-0 0.01 0.1 1.0}
+ROUNDS=${ROUNDS:-1}
 out_dir=benches/out
 mkdir -p "$out_dir"
 report="$out_dir/tracing-$(date +%Y%m%d-%H%M%S).txt"
@@ -96,23 +99,31 @@ for _ in $(seq 1 600); do
 done
 stop_services
 
-base_first=$(measure "no telemetry (first)")
-declare -A rps
-for r in $RATIOS; do
-  rps[$r]=$(measure "sampling $r" --otlp-endpoint "http://$receiver" --trace-sample-ratio "$r")
+# Each round measures every ratio between two no-telemetry runs and divides by their mean, so
+# drift of the shared machine during a round cancels; ROUNDS > 1 reports the median.
+declare -A ratios
+prev=$(measure "no telemetry (before round 1)")
+for round in $(seq 1 "$ROUNDS"); do
+  declare -A cur=()
+  for r in $RATIOS; do
+    cur[$r]=$(measure "sampling $r (round $round)" --otlp-endpoint "http://$receiver" --trace-sample-ratio "$r")
+  done
+  next=$(measure "no telemetry (after round $round)")
+  for r in $RATIOS; do
+    ratios[$r]+="$(python3 -c "print(${cur[$r]} / (($prev + $next) / 2))") "
+  done
+  prev=$next
 done
-base_last=$(measure "no telemetry (last)")
 kill -TERM "$rcv"; wait "$rcv" 2>/dev/null || true
 say "$(head -n 2 "$work/receiver.txt" | tail -n 1)"
-
-base=$(python3 -c "print(($base_first + $base_last) / 2)")
-say "baseline (mean of first and last): ${base} req/s"
 for r in $RATIOS; do
   say "$(python3 -c "
-r, v, b = '$r', float('${rps[$r]}'), $base
+import statistics
+r, vs = '$r', [float(v) for v in '${ratios[$r]}'.split()]
+m = statistics.median(vs)
 target = {'0.01': 0.95, '1.0': 0.85}.get(r)
-verdict = '' if target is None else (' (target >= %.2f: %s)' % (target, 'met' if v / b >= target else 'MISSED'))
-print(f'sampling {r}: {v:.0f} req/s = {v / b:.3f} x no telemetry{verdict}')
+verdict = '' if target is None else (' (target >= %.2f: %s)' % (target, 'met' if m >= target else 'MISSED'))
+print(f'sampling {r}: {m:.3f} x no telemetry (median of {len(vs)}: ' + ', '.join(f'{v:.3f}' for v in vs) + f'){verdict}')
 ")"
 done
 psql -X -q "$LOADLAB_TEST_POSTGRES_URL" -c "drop schema if exists $schema cascade" >/dev/null
