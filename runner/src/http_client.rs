@@ -684,6 +684,8 @@ async fn drive<F: Future>(driver: &mut Option<Driver>, fut: F) -> F::Output {
             }
             *driver = None;
         }
+        // The driver may just have delivered what `fut` waits for (or closed the connection):
+        // look again now rather than after a wake-up.
         fut.as_mut().poll(cx)
     })
     .await

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::http_client::{Client, ClientConfig, Request};
 use crate::otlp::ReceivedSpan;
-use crate::summary::{SpanStats, TraceRef};
+use crate::summary::{SpanStats, TraceRef, parse_time};
 use crate::tracing_client::jaeger_link;
 
 /// Why a query failed.
@@ -383,12 +383,6 @@ pub const INDEX_DELAY: Duration = Duration::from_secs(3);
 /// The window asked of Jaeger reaches this far past the end of the run (late server spans).
 const WINDOW_SLACK: Duration = Duration::from_secs(5);
 
-fn rfc3339(s: &str) -> Option<SystemTime> {
-    let t = chrono::DateTime::parse_from_rfc3339(s).ok()?;
-    let nanos = u64::try_from(t.timestamp_nanos_opt()?).ok()?;
-    Some(UNIX_EPOCH + Duration::from_nanos(nanos))
-}
-
 /// Adds what Jaeger knows about a finished run to its summary: the slowest traces of the run's
 /// window rooted in the generator's client spans (service `loadlab`, at least as long as the
 /// run's p99) join `traces`, every trace reference is linked as `<jaeger_url>/trace/<id>`, and
@@ -399,12 +393,12 @@ pub async fn enrich(
     jaeger_url: &str,
 ) -> Result<usize, JaegerError> {
     let client = JaegerClient::new(jaeger_url)?;
-    let ended = rfc3339(&summary.run.ended_at).unwrap_or_else(SystemTime::now);
-    let started = rfc3339(&summary.run.started_at).unwrap_or(ended);
-    let load_start = ended
-        .checked_sub(Duration::from_secs_f64(summary.run.duration_s.max(0.0)))
-        .unwrap_or(started)
-        .max(started);
+    let (load_start, ended) = summary.run.load_window().unwrap_or_else(|| {
+        let now = SystemTime::now();
+        (now, now)
+    });
+    let started = parse_time(&summary.run.started_at).unwrap_or(ended);
+    let load_start = load_start.max(started);
     let min_duration = summary
         .metrics
         .get("http_req_duration")

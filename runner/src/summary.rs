@@ -8,6 +8,7 @@
 //! within a schema version; removing or changing one bumps it.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +34,25 @@ pub struct Summary {
     pub server: ServerStats,
     /// Slowest sampled requests with their trace ids (when tracing is on).
     pub traces: Vec<TraceRef>,
+}
+
+/// A summary's RFC 3339 time (`run.started_at`, `run.ended_at`).
+pub fn parse_time(rfc3339: &str) -> Option<SystemTime> {
+    let t = chrono::DateTime::parse_from_rfc3339(rfc3339).ok()?;
+    let nanos = u64::try_from(t.timestamp_nanos_opt()?).ok()?;
+    Some(UNIX_EPOCH + Duration::from_nanos(nanos))
+}
+
+impl RunInfo {
+    /// The load phase: it ends at `ended_at` and lasted `duration_s` (`None` when `ended_at`
+    /// does not parse).
+    pub fn load_window(&self) -> Option<(SystemTime, SystemTime)> {
+        let end = parse_time(&self.ended_at)?;
+        let start = end
+            .checked_sub(Duration::from_secs_f64(self.duration_s.max(0.0)))
+            .unwrap_or(UNIX_EPOCH);
+        Some((start, end))
+    }
 }
 
 /// Run identity, timing and verdict.

@@ -256,39 +256,25 @@ impl ClientTracing {
     }
 
     /// The kept slow requests, oldest interval first, with Jaeger links when a Jaeger URL is
-    /// configured. `names` resolves endpoint ids; `offset_s` shifts `t` onto the run's clock.
-    pub fn slowest(&self, names: &[String], offset_s: f64) -> Vec<TraceRef> {
+    /// configured (capped like any merge, see [`merge_refs`]). `names` resolves endpoint ids.
+    pub fn slowest(&self, names: &[String]) -> Vec<TraceRef> {
         let slowest = self
             .slowest
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut out = Vec::new();
-        for (i, bucket) in slowest.iter().enumerate() {
-            for s in bucket {
-                let id = format!("{:032x}", s.trace_id);
-                out.push(TraceRef {
-                    t: (i as f64 - offset_s).max(0.0),
-                    endpoint: names
-                        .get(usize::from(s.endpoint.0))
-                        .cloned()
-                        .unwrap_or_default(),
-                    duration_ms: s.duration.as_secs_f64() * 1e3,
-                    url: self
-                        .settings
-                        .jaeger_url
-                        .as_deref()
-                        .map(|u| jaeger_link(u, &id)),
-                    trace_id: id,
-                });
-            }
-        }
-        if out.len() > MAX_TRACE_REFS {
-            // Keep the slowest overall, then restore time order.
-            out.sort_by(|a, b| b.duration_ms.total_cmp(&a.duration_ms));
-            out.truncate(MAX_TRACE_REFS);
-            out.sort_by(|a, b| a.t.total_cmp(&b.t));
-        }
-        out
+        let refs = slowest.iter().enumerate().flat_map(|(i, bucket)| {
+            bucket.iter().map(move |s| TraceRef {
+                t: i as f64,
+                endpoint: names
+                    .get(usize::from(s.endpoint.0))
+                    .cloned()
+                    .unwrap_or_default(),
+                duration_ms: s.duration.as_secs_f64() * 1e3,
+                trace_id: format!("{:032x}", s.trace_id),
+                url: None,
+            })
+        });
+        merge_refs(refs, self.settings.jaeger_url.as_deref())
     }
 
     /// When tracing started (wall clock).
@@ -341,7 +327,7 @@ impl ClientTracing {
     pub async fn complete(self: Arc<Self>, names: &[String]) -> Vec<TraceRef> {
         self.uninstall();
         self.flush().await;
-        self.slowest(names, 0.0)
+        self.slowest(names)
     }
 }
 

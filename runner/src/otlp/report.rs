@@ -32,10 +32,12 @@ pub const METRIC_SLACK_NS: u64 = 5_000_000_000;
 
 /// The load phase of a run as Unix nanoseconds: it ends at `ended_at` and lasted `duration_s`.
 fn load_window(summary: &Summary) -> Option<(u64, u64)> {
-    let end = chrono::DateTime::parse_from_rfc3339(&summary.run.ended_at).ok()?;
-    let end = u64::try_from(end.timestamp_nanos_opt()?).ok()?;
-    let start = end.saturating_sub((summary.run.duration_s.max(0.0) * 1e9) as u64);
-    Some((start, end))
+    let (start, end) = summary.run.load_window()?;
+    let nanos = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    };
+    Some((nanos(start), nanos(end)))
 }
 
 /// Count and p50/p95/p99/max per (service, span name), slowest p99 first.

@@ -181,7 +181,8 @@ async fn trace_request(
     // and feed the logs).
     let parent = crate::telemetry::propagation::extract(request.headers());
     let caller = TraceParent::of_context(&parent);
-    let mut edge_root = false;
+    // Set on a new trace sampled here: the sampler must not draw again.
+    let mut edge_sampled = None;
     if let Some(ratio) = crate::telemetry::root_sample_ratio() {
         let sampled = match caller {
             Some(tp) => tp.sampled,
@@ -199,10 +200,8 @@ async fn trace_request(
             )
             .await;
         }
-        edge_root = caller.is_none();
+        edge_sampled = caller.is_none().then_some(true);
     }
-    // A new trace sampled here: the sampler must not draw again.
-    let edge_sampled = edge_root.then_some(true);
     let grpc = request
         .headers()
         .get(http::header::CONTENT_TYPE)

@@ -106,13 +106,7 @@ pub struct TraceParent {
 impl TraceParent {
     /// The identity of `span`, if it is recorded by OpenTelemetry.
     pub fn of(span: &tracing::Span) -> Option<TraceParent> {
-        let cx = span.context();
-        let sc = cx.span().span_context().clone();
-        sc.is_valid().then(|| TraceParent {
-            trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
-            span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
-            sampled: sc.is_sampled(),
-        })
+        TraceParent::of_context(&span.context())
     }
 
     /// The identity of the current span (of the unsampled request being handled, when it
@@ -121,7 +115,7 @@ impl TraceParent {
         TraceParent::of(&tracing::Span::current()).or_else(|| UNSAMPLED.try_with(|tp| *tp).ok())
     }
 
-    /// The caller's context as a `TraceParent`, if it carries a valid one.
+    /// The span context in `cx` (e.g. a caller's, extracted from headers), if it is valid.
     pub fn of_context(cx: &opentelemetry::Context) -> Option<TraceParent> {
         let sc = cx.span().span_context().clone();
         sc.is_valid().then(|| TraceParent {
