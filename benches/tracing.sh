@@ -68,6 +68,7 @@ start_services() { # start_services [TELEMETRY FLAGS...]
 }
 # Service logs go to a file: measure's stdout is its figure.
 stop_services() { kill -TERM "${svc[@]}"; wait "${svc[@]}" 2>/dev/null || true; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system, clock ticks
 
 measure() { # measure LABEL [TELEMETRY FLAGS...]: prints req/s
   local label=$1; shift
@@ -75,13 +76,25 @@ measure() { # measure LABEL [TELEMETRY FLAGS...]: prints req/s
   # Warm connections, caches and the allocator before measuring.
   LOADLAB_BENCH_USERS="$work/seed/readers.txt" LOADLAB_BENCH_LIMIT=20 \
     wrk -t"$THREADS" -c"$CONNECTIONS" -d3s -s benches/feed/read.lua "http://127.0.0.1:$feed_port" >/dev/null
+  local before=() after=() p
+  for p in "${svc[@]}" "$rcv"; do before+=("$(cpu_ticks "$p")"); done
   LOADLAB_BENCH_USERS="$work/seed/readers.txt" LOADLAB_BENCH_LIMIT=20 \
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s benches/feed/read.lua "http://127.0.0.1:$feed_port" > "$work/$label.txt"
+  for p in "${svc[@]}" "$rcv"; do after+=("$(cpu_ticks "$p")"); done
   stop_services
-  local rps non2xx
+  local rps non2xx requests
   rps=$(awk '/^Requests\/sec/ {print $2}' "$work/$label.txt")
+  requests=$(awk '/requests in/ {print $1}' "$work/$label.txt")
   non2xx=$(awk '/Non-2xx/ {print $5}' "$work/$label.txt")
-  say "[$label] ${rps} req/s; non-2xx: ${non2xx:-0}" >&2
+  # Where the CPU goes: microseconds of CPU per request in each process.
+  local cpu
+  cpu=$(python3 -c "
+import os
+hz, n = os.sysconf('SC_CLK_TCK'), max(int('${requests:-0}'), 1)
+b, a = [int(x) for x in '${before[*]}'.split()], [int(x) for x in '${after[*]}'.split()]
+print(' '.join(f'{name} {(y - x) / hz / n * 1e6:.1f}' for name, x, y in zip(('timeline', 'feed', 'receiver'), b, a)))
+")
+  say "[$label] ${rps} req/s; non-2xx: ${non2xx:-0}; CPU us/request: $cpu" >&2
   echo "$rps"
 }
 
