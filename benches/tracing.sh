@@ -76,6 +76,7 @@ measure() { # measure LABEL [TELEMETRY FLAGS...]: prints req/s
   # Warm connections, caches and the allocator before measuring.
   LOADLAB_BENCH_USERS="$work/seed/readers.txt" LOADLAB_BENCH_LIMIT=20 \
     wrk -t"$THREADS" -c"$CONNECTIONS" -d3s -s benches/feed/read.lua "http://127.0.0.1:$feed_port" >/dev/null
+  # CPU of each process in svc's order (timeline, feed), then the receiver.
   local before=() after=() p
   for p in "${svc[@]}" "$rcv"; do before+=("$(cpu_ticks "$p")"); done
   LOADLAB_BENCH_USERS="$work/seed/readers.txt" LOADLAB_BENCH_LIMIT=20 \
