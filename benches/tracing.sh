@@ -9,7 +9,9 @@
 # Targets: >= 0.95 at 0.01 and >= 0.85 at 1.0.
 #
 # Knobs (environment): DURATION (15s), CONNECTIONS (64), THREADS (2), READERS (500),
-# RATIOS ("0 0.01 0.1 1.0"), ROUNDS (1; the median of the rounds is reported), SKIP_BUILD=1.
+# RATIOS ("0 0.01 0.1 1.0"), ROUNDS (1; the median of the rounds is reported), SKIP_BUILD=1,
+# PERF=1 (record `perf` profiles of timeline and feed in each run into benches/out/perf-*.data;
+# needs Debian's linux-perf).
 # Output also goes to benches/out/tracing-<time>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,6 +81,13 @@ measure() { # measure LABEL [TELEMETRY FLAGS...]: prints req/s
   # CPU of each process in svc's order (timeline, feed), then the receiver.
   local before=() after=() p
   for p in "${svc[@]}" "$rcv"; do before+=("$(cpu_ticks "$p")"); done
+  if [ -n "${PERF:-}" ]; then # profiles of timeline and feed over the run's first 6 s
+    local tag=${label//[^a-z0-9.]/_} i=0 name
+    for name in timeline feed; do
+      perf record -F 999 -o "$out_dir/perf-$tag-$name.data" -p "${svc[$i]}" -- sleep 6 >/dev/null 2>&1 &
+      i=$((i + 1))
+    done
+  fi
   LOADLAB_BENCH_USERS="$work/seed/readers.txt" LOADLAB_BENCH_LIMIT=20 \
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s benches/feed/read.lua "http://127.0.0.1:$feed_port" > "$work/$label.txt"
   for p in "${svc[@]}" "$rcv"; do after+=("$(cpu_ticks "$p")"); done
@@ -129,7 +138,8 @@ for round in $(seq 1 "$ROUNDS"); do
   prev=$next
 done
 kill -TERM "$rcv"; wait "$rcv" 2>/dev/null || true
-say "$(head -n 2 "$work/receiver.txt" | tail -n 1)"
+# What the receiver got, with its per-service span breakdown (spans per read = count / reads).
+say "$(tail -n +2 "$work/receiver.txt")"
 for r in $RATIOS; do
   say "$(python3 -c "
 import statistics

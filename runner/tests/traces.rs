@@ -429,6 +429,35 @@ async fn a_home_timeline_read_is_one_trace_and_fan_out_links_to_the_post() {
             .contains(&(post_trace.clone(), post_span.span_id.clone())),
         "the link points at the post's server span"
     );
+    // The post's SQL statements (`tracing` spans of sea-orm) and its queue publish (a Redis
+    // client span) descend from its server span.
+    let post_spans = received.trace(&post_trace);
+    let under_post = |span: &ReceivedSpan| {
+        let mut parent = span.parent_span_id.clone();
+        for _ in 0..10 {
+            if parent == post_span.span_id {
+                return true;
+            }
+            match post_spans.iter().find(|p| p.span_id == parent) {
+                Some(p) => parent = p.parent_span_id.clone(),
+                None => return false,
+            }
+        }
+        false
+    };
+    let child_of_post = |pred: &dyn Fn(&ReceivedSpan) -> bool| {
+        post_spans
+            .iter()
+            .any(|s| s.service == "feed" && pred(s) && under_post(s))
+    };
+    assert!(
+        child_of_post(&|s| s.name.starts_with("sea_orm.") && s.attribute("db.statement").is_some()),
+        "no SQL span under the post: {post_spans:#?}"
+    );
+    assert!(
+        child_of_post(&|s| s.name == "XADD fanout publish" && s.kind == 3),
+        "no queue publish span under the post: {post_spans:#?}"
+    );
     // The batch's own trace carries the Append call to timeline.
     let batch_trace = received.trace(&batch.trace_id);
     assert!(

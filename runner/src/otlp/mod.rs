@@ -225,8 +225,8 @@ impl Received {
                         end_unix_nano: span.end_time_unix_nano,
                         attributes: span
                             .attributes
-                            .iter()
-                            .map(|kv| (kv.key.clone(), render(kv.value.as_ref())))
+                            .into_iter()
+                            .map(|kv| (kv.key, render_owned(kv.value)))
                             .collect(),
                         links: span
                             .links
@@ -313,8 +313,15 @@ impl Received {
     }
 }
 
+/// Lower-case hex of an id (ids arrive by the hundred thousand: no formatting machinery).
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 fn render(value: Option<&AnyValue>) -> String {
@@ -325,6 +332,14 @@ fn render(value: Option<&AnyValue>) -> String {
         Some(any_value::Value::DoubleValue(d)) => d.to_string(),
         Some(other) => format!("{other:?}"),
         None => String::new(),
+    }
+}
+
+/// [`render`], moving a string value instead of copying it.
+fn render_owned(value: Option<AnyValue>) -> String {
+    match value.and_then(|v| v.value) {
+        Some(any_value::Value::StringValue(s)) => s,
+        other => render(other.map(|v| AnyValue { value: Some(v) }).as_ref()),
     }
 }
 
@@ -434,5 +449,18 @@ impl Receiver {
     pub async fn stop(self) {
         self.stop.trigger();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_render_as_lower_case_hex() {
+        assert_eq!(hex(&[]), "");
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        let id = 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736_u128;
+        assert_eq!(hex(&id.to_be_bytes()), format!("{id:032x}"));
     }
 }

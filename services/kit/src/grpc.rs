@@ -5,8 +5,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
 use tonic::transport::{Channel, Endpoint};
-use tracing::Instrument as _;
 
 /// A bad peer URL.
 #[derive(Debug, thiserror::Error)]
@@ -66,54 +66,47 @@ impl tower::Service<http::Request<tonic::body::Body>> for TracedChannel {
     }
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
-        let span = if !crate::telemetry::propagation::current_is_sampled() {
-            // No sampled caller: no client span (outside traced work it would start a trace
-            // per call). The caller's context still travels, so an unsampled request stays
-            // unsampled downstream instead of being sampled anew by the peer.
-            crate::telemetry::propagation::inject(&tracing::Span::current(), request.headers_mut());
-            tracing::Span::none()
-        } else {
-            let full = request.uri().path().trim_start_matches('/');
+        // A client span only under a sampled caller (outside traced work it would start a
+        // trace per call). Without one the caller's context still travels, so an unsampled
+        // request stays unsampled downstream instead of being sampled anew by the peer.
+        let uri = request.uri();
+        let mut span = crate::telemetry::ClientSpan::start(|| {
+            let full = uri.path().trim_start_matches('/');
             let (service, method) = full.split_once('/').unwrap_or((full, ""));
-            tracing::info_span!(
-                "grpc.client",
-                otel.name = full,
-                otel.kind = "client",
-                rpc.system = "grpc",
-                rpc.service = service,
-                rpc.method = method,
-                server.address = request.uri().host().unwrap_or_default(),
-                rpc.grpc.status_code = tracing::field::Empty,
-                otel.status_code = tracing::field::Empty,
+            (
+                full.to_owned().into(),
+                vec![
+                    KeyValue::new("rpc.system", "grpc"),
+                    KeyValue::new("rpc.service", service.to_owned()),
+                    KeyValue::new("rpc.method", method.to_owned()),
+                    KeyValue::new("server.address", uri.host().unwrap_or_default().to_owned()),
+                ],
             )
-        };
-        if !span.is_none() {
-            crate::telemetry::propagation::inject(&span, request.headers_mut());
+        });
+        match span.context() {
+            Some(cx) => crate::telemetry::propagation::inject_context(&cx, request.headers_mut()),
+            None => crate::telemetry::propagation::inject_current(request.headers_mut()),
         }
         let call = tower::Service::call(&mut self.inner, request);
-        let record = span.clone();
-        Box::pin(
-            async move {
-                let result = call.await;
-                if !record.is_none() {
-                    // Trailers-only answers (errors) carry grpc-status in the headers.
-                    let code = match &result {
-                        Ok(r) => r
-                            .headers()
-                            .get("grpc-status")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse::<i64>().ok())
-                            .unwrap_or(0),
-                        Err(_) => 14, // UNAVAILABLE: the transport failed.
-                    };
-                    record.record("rpc.grpc.status_code", code);
-                    if code != 0 {
-                        record.record("otel.status_code", "ERROR");
-                    }
+        Box::pin(async move {
+            let result = call.await;
+            if span.is_recording() {
+                // Trailers-only answers (errors) carry grpc-status in the headers.
+                let code = match &result {
+                    Ok(r) => r
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .unwrap_or(0),
+                    Err(_) => 14, // UNAVAILABLE: the transport failed.
+                };
+                span.set_attribute(KeyValue::new("rpc.grpc.status_code", code));
+                if code != 0 {
+                    span.set_error(format!("gRPC status {code}"));
                 }
-                result
             }
-            .instrument(span),
-        )
+            result
+        })
     }
 }

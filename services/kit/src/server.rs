@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{BoxError, Json, Router};
+use opentelemetry::KeyValue;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
@@ -174,79 +175,84 @@ async fn trace_request(
     if untraced(path) {
         return crate::telemetry::in_service(service, next.run(request)).await;
     }
-    // Sampling is decided here, before any span exists: a caller's `traceparent` decides (the
-    // load generator's per-request choice), else this service's ratio for new traces. An
-    // unsampled request runs without spans at all — the largest share of what tracing costs —
-    // and passes its unsampled context on. With span export off, spans stay (they are cheap
-    // and feed the logs).
-    let parent = crate::telemetry::propagation::extract(request.headers());
-    let caller = TraceParent::of_context(&parent);
-    // Set on a new trace sampled here: the sampler must not draw again.
-    let mut edge_sampled = None;
-    if let Some(ratio) = crate::telemetry::root_sample_ratio() {
-        let sampled = match caller {
-            Some(tp) => tp.sampled,
-            None => ratio > 0.0 && rand::random::<f64>() < ratio,
-        };
-        if !sampled {
-            let tp = caller.unwrap_or_else(|| TraceParent {
-                trace_id: rand::random::<u128>().max(1),
-                span_id: rand::random::<u64>().max(1),
-                sampled: false,
-            });
-            return crate::telemetry::in_service(
-                service,
-                crate::telemetry::propagation::unsampled(tp, next.run(request)),
-            )
-            .await;
-        }
-        edge_sampled = caller.is_none().then_some(true);
-    }
     let grpc = request
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let span = if grpc {
+    let Some(ratio) = crate::telemetry::root_sample_ratio() else {
+        // Span export is off: a `tracing` span, for the logs.
+        let span = if grpc {
+            tracing::info_span!("grpc.server", otel.name = path.trim_start_matches('/'))
+        } else {
+            let route = matched_route(&request);
+            tracing::info_span!(
+                "http.server",
+                otel.name = format_args!("{} {route}", request.method())
+            )
+        };
+        return crate::telemetry::in_service(service, next.run(request).instrument(span)).await;
+    };
+    // Sampling is decided here, before any span exists: a caller's `traceparent` decides (the
+    // load generator's per-request choice), else this service's ratio for new traces. An
+    // unsampled request runs without spans at all — the largest share of what tracing costs —
+    // and passes its unsampled context on.
+    let parent = crate::telemetry::propagation::extract(request.headers());
+    let caller = TraceParent::of_context(&parent);
+    let sampled = match caller {
+        Some(tp) => tp.sampled,
+        None => ratio > 0.0 && rand::random::<f64>() < ratio,
+    };
+    if !sampled {
+        let tp = caller.unwrap_or_else(|| TraceParent {
+            trace_id: rand::random::<u128>().max(1),
+            span_id: rand::random::<u64>().max(1),
+            sampled: false,
+        });
+        return crate::telemetry::in_service(
+            service,
+            crate::telemetry::propagation::unsampled(tp, next.run(request)),
+        )
+        .await;
+    }
+    // A sampled request's server span is made with the OpenTelemetry SDK directly (see
+    // `telemetry::server_span`): it is the parent of everything the request does, `tracing`
+    // spans included (they take the active OpenTelemetry context as their parent).
+    let (name, mut attributes) = if grpc {
         let full = path.trim_start_matches('/');
         let (svc, method) = full.split_once('/').unwrap_or((full, ""));
-        tracing::info_span!(
-            "grpc.server",
-            otel.name = full,
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = svc,
-            rpc.method = method,
-            rpc.grpc.status_code = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-            loadlab.edge_sampled = edge_sampled,
+        (
+            full.to_owned(),
+            vec![
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.service", svc.to_owned()),
+                KeyValue::new("rpc.method", method.to_owned()),
+            ],
         )
     } else {
-        let route = request
-            .extensions()
-            .get::<axum::extract::MatchedPath>()
-            .map_or("unmatched", |p| p.as_str());
+        let route = matched_route(&request);
         let method = request.method().as_str();
-        tracing::info_span!(
-            "http.server",
-            otel.name = format_args!("{method} {route}"),
-            otel.kind = "server",
-            http.request.method = method,
-            http.route = route,
-            url.path = path,
-            http.response.status_code = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-            loadlab.edge_sampled = edge_sampled,
+        (
+            format!("{method} {route}"),
+            vec![
+                KeyValue::new("http.request.method", method.to_owned()),
+                KeyValue::new("http.route", route.to_owned()),
+                KeyValue::new("url.path", path.to_owned()),
+            ],
         )
     };
-    // Before the span is first entered: its sampling decision follows the caller's.
-    if let Err(e) = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent) {
-        tracing::debug!(error = %e, "cannot set the server span's parent");
+    if caller.is_none() {
+        // A new trace sampled here: the sampler must not draw again.
+        attributes.push(KeyValue::new(crate::telemetry::EDGE_SAMPLED_KEY, true));
     }
-    // The service scope must be outside the span: the span starts (and is attributed to a
-    // service) when it is first entered.
-    let response =
-        crate::telemetry::in_service(service, next.run(request).instrument(span.clone())).await;
-    let status = response.status();
+    let cx = crate::telemetry::sync_in_service(service, || {
+        crate::telemetry::server_span(name, attributes, &parent)
+    });
+    let response = crate::telemetry::in_service(
+        service,
+        opentelemetry::context::FutureExt::with_context(next.run(request), cx.clone()),
+    )
+    .await;
+    let span = opentelemetry::trace::TraceContextExt::span(&cx);
     if grpc {
         // A failed call answers "trailers-only": grpc-status is in the headers. A successful
         // unary call sends it in trailers, which a middleware never sees: absent means OK.
@@ -256,17 +262,32 @@ async fn trace_request(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<i64>().ok())
             .unwrap_or(0);
-        span.record("rpc.grpc.status_code", code);
+        span.set_attribute(KeyValue::new("rpc.grpc.status_code", code));
         if code != 0 {
-            span.record("otel.status_code", "ERROR");
+            span.set_status(opentelemetry::trace::Status::error(format!(
+                "gRPC status {code}"
+            )));
         }
     } else {
-        span.record("http.response.status_code", status.as_u16());
+        let status = response.status();
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status.as_u16()),
+        ));
         if status.is_server_error() {
-            span.record("otel.status_code", "ERROR");
+            span.set_status(opentelemetry::trace::Status::error(status.to_string()));
         }
     }
+    span.end();
     response
+}
+
+/// The route template a request matched (`unmatched` for none).
+fn matched_route(request: &axum::extract::Request) -> &str {
+    request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
 }
 
 async fn overload_response(err: BoxError) -> Response {

@@ -17,12 +17,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::telemetry::ClientSpan;
 use async_trait::async_trait;
 use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use fred::types::{Expiration, Value};
-use tracing::Instrument as _;
 
 use super::{
     Delivery, EngineError, FanoutConsumer, FanoutJob, FanoutQueue, FollowCache, Health, PostCache,
@@ -43,21 +43,19 @@ pub struct RedisSettings {
 }
 
 /// The client span of one engine operation (one Redis round trip, or a few for chunked ones),
-/// named `<what> <command>`. Only inside sampled work: background loops (consumer reads, presence
-/// expiry) would otherwise start a trace per poll, and unsampled requests would pay for spans
-/// nobody sees.
-fn op_span(what: &'static str, command: &'static str) -> tracing::Span {
-    if !crate::telemetry::propagation::current_is_sampled() {
-        return tracing::Span::none();
-    }
-    tracing::info_span!(
-        "redis",
-        otel.name = format_args!("{command} {what}"),
-        otel.kind = "client",
-        db.system.name = "redis",
-        db.operation.name = command,
-        otel.status_code = tracing::field::Empty,
-    )
+/// named `<command> <what>`. Only inside sampled work: background loops (consumer reads,
+/// presence expiry) would otherwise start a trace per poll, and unsampled requests would pay
+/// for spans nobody sees.
+fn op_span(name: &'static str, command: &'static str) -> ClientSpan {
+    ClientSpan::start(|| {
+        (
+            name.into(),
+            vec![
+                opentelemetry::KeyValue::new("db.system.name", "redis"),
+                opentelemetry::KeyValue::new("db.operation.name", command),
+            ],
+        )
+    })
 }
 
 const GROUP: &str = "fanout";
@@ -282,24 +280,23 @@ fn parse_member(key: &str, v: &Value) -> Result<Option<Id>, EngineError> {
 #[async_trait]
 impl TimelineStore for RedisEngine {
     async fn append(&self, keys: &[TimelineKey], post: Id, cap: usize) -> Result<u32, EngineError> {
-        let span = op_span("timeline append", "EVALSHA");
-        async {
-            if keys.is_empty() {
-                return Ok(0);
-            }
-            let redis_keys: Vec<String> = keys.iter().map(|k| self.timeline_key(*k)).collect();
-            let n: i64 = self
-                .append
-                .evalsha_with_reload(
-                    self.pool.next(),
-                    redis_keys,
-                    vec![member(post), post.epoch_ms().to_string(), cap.to_string()],
-                )
-                .await?;
-            Ok(n as u32)
-        }
-        .instrument(span)
-        .await
+        op_span("EVALSHA timeline append", "EVALSHA")
+            .run(async {
+                if keys.is_empty() {
+                    return Ok(0);
+                }
+                let redis_keys: Vec<String> = keys.iter().map(|k| self.timeline_key(*k)).collect();
+                let n: i64 = self
+                    .append
+                    .evalsha_with_reload(
+                        self.pool.next(),
+                        redis_keys,
+                        vec![member(post), post.epoch_ms().to_string(), cap.to_string()],
+                    )
+                    .await?;
+                Ok(n as u32)
+            })
+            .await
     }
 
     async fn range(
@@ -308,136 +305,131 @@ impl TimelineStore for RedisEngine {
         before: Option<Id>,
         limit: usize,
     ) -> Result<Vec<Option<Vec<Id>>>, EngineError> {
-        let span = op_span("timeline range", "EVALSHA");
-        async {
-            if keys.is_empty() {
-                return Ok(Vec::new());
-            }
-            let redis_keys: Vec<String> = keys.iter().map(|k| self.timeline_key(*k)).collect();
-            let max = before.map_or_else(|| "+inf".to_owned(), |b| b.epoch_ms().to_string());
-            // Entries sharing `before`'s millisecond are filtered here; over-fetch a little so that
-            // filtering rarely leaves a page short, and retry with more when it does.
-            let mut extra = 16usize;
-            loop {
-                let fetch = limit + if before.is_some() { extra } else { 0 };
-                let value: Value = self
-                    .range
-                    .evalsha_with_reload(
-                        self.pool.next(),
-                        redis_keys.clone(),
-                        vec![max.clone(), fetch.to_string()],
-                    )
-                    .await?;
-                let mut short = false;
-                let mut out = Vec::with_capacity(keys.len());
-                for (i, entry) in value.into_array().into_iter().enumerate() {
-                    let key = redis_keys.get(i).map_or("?", String::as_str);
-                    if entry.is_null() || matches!(entry, Value::Boolean(false)) {
-                        out.push(None);
-                        continue;
-                    }
-                    let raw = entry.into_array();
-                    let raw_len = raw.len();
-                    let mut ids = Vec::with_capacity(raw_len.min(limit));
-                    for v in &raw {
-                        if let Some(id) = parse_member(key, v)?
-                            && before.is_none_or(|b| id < b)
-                            && ids.len() < limit
-                        {
-                            ids.push(id);
+        op_span("EVALSHA timeline range", "EVALSHA")
+            .run(async {
+                if keys.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let redis_keys: Vec<String> = keys.iter().map(|k| self.timeline_key(*k)).collect();
+                let max = before.map_or_else(|| "+inf".to_owned(), |b| b.epoch_ms().to_string());
+                // Entries sharing `before`'s millisecond are filtered here; over-fetch a little so that
+                // filtering rarely leaves a page short, and retry with more when it does.
+                let mut extra = 16usize;
+                loop {
+                    let fetch = limit + if before.is_some() { extra } else { 0 };
+                    let value: Value = self
+                        .range
+                        .evalsha_with_reload(
+                            self.pool.next(),
+                            redis_keys.clone(),
+                            vec![max.clone(), fetch.to_string()],
+                        )
+                        .await?;
+                    let mut short = false;
+                    let mut out = Vec::with_capacity(keys.len());
+                    for (i, entry) in value.into_array().into_iter().enumerate() {
+                        let key = redis_keys.get(i).map_or("?", String::as_str);
+                        if entry.is_null() || matches!(entry, Value::Boolean(false)) {
+                            out.push(None);
+                            continue;
                         }
+                        let raw = entry.into_array();
+                        let raw_len = raw.len();
+                        let mut ids = Vec::with_capacity(raw_len.min(limit));
+                        for v in &raw {
+                            if let Some(id) = parse_member(key, v)?
+                                && before.is_none_or(|b| id < b)
+                                && ids.len() < limit
+                            {
+                                ids.push(id);
+                            }
+                        }
+                        if raw_len == fetch && ids.len() < limit {
+                            short = true;
+                        }
+                        out.push(Some(ids));
                     }
-                    if raw_len == fetch && ids.len() < limit {
-                        short = true;
+                    out.resize(keys.len(), None);
+                    if !short || extra > 65_536 {
+                        return Ok(out);
                     }
-                    out.push(Some(ids));
+                    extra *= 8;
                 }
-                out.resize(keys.len(), None);
-                if !short || extra > 65_536 {
-                    return Ok(out);
-                }
-                extra *= 8;
-            }
-        }
-        .instrument(span)
-        .await
+            })
+            .await
     }
 
     async fn materialise(&self, key: TimelineKey) -> Result<(), EngineError> {
-        let span = op_span("timeline materialise", "ZADD");
-        async {
-            let _: Value = self
-                .pool
-                .zadd(
-                    self.timeline_key(key),
-                    Some(SetOptions::NX),
-                    None,
-                    false,
-                    false,
-                    (-1.0, ""),
-                )
-                .await?;
-            Ok(())
-        }
-        .instrument(span)
-        .await
+        op_span("ZADD timeline materialise", "ZADD")
+            .run(async {
+                let _: Value = self
+                    .pool
+                    .zadd(
+                        self.timeline_key(key),
+                        Some(SetOptions::NX),
+                        None,
+                        false,
+                        false,
+                        (-1.0, ""),
+                    )
+                    .await?;
+                Ok(())
+            })
+            .await
     }
 
     async fn fill(&self, key: TimelineKey, posts: &[Id], cap: usize) -> Result<(), EngineError> {
-        let span = op_span("timeline fill", "EVALSHA");
-        async {
-            // Chunked so one script call stays small even for a cap of many thousands.
-            for chunk in posts.chunks(1_000) {
-                let mut args = Vec::with_capacity(1 + chunk.len() * 2);
-                args.push(cap.to_string());
-                for p in chunk {
-                    args.push(p.epoch_ms().to_string());
-                    args.push(member(*p));
+        op_span("EVALSHA timeline fill", "EVALSHA")
+            .run(async {
+                // Chunked so one script call stays small even for a cap of many thousands.
+                for chunk in posts.chunks(1_000) {
+                    let mut args = Vec::with_capacity(1 + chunk.len() * 2);
+                    args.push(cap.to_string());
+                    for p in chunk {
+                        args.push(p.epoch_ms().to_string());
+                        args.push(member(*p));
+                    }
+                    let _: Value = self
+                        .fill
+                        .evalsha_with_reload(self.pool.next(), vec![self.timeline_key(key)], args)
+                        .await?;
                 }
-                let _: Value = self
-                    .fill
-                    .evalsha_with_reload(self.pool.next(), vec![self.timeline_key(key)], args)
-                    .await?;
-            }
-            Ok(())
-        }
-        .instrument(span)
-        .await
+                Ok(())
+            })
+            .await
     }
 
     async fn remove(&self, key: TimelineKey) -> Result<(), EngineError> {
-        let span = op_span("timeline remove", "DEL");
-        async {
-            let _: i64 = self.pool.del(self.timeline_key(key)).await?;
-            Ok(())
-        }
-        .instrument(span)
-        .await
+        op_span("DEL timeline remove", "DEL")
+            .run(async {
+                let _: i64 = self.pool.del(self.timeline_key(key)).await?;
+                Ok(())
+            })
+            .await
     }
 }
 
 #[async_trait]
 impl FollowCache for RedisEngine {
     async fn celebrities_followed(&self, user: Id) -> Result<Option<Vec<Id>>, EngineError> {
-        let span = op_span("celebrities get", "SMEMBERS");
-        async {
-            let key = self.celebs_key(user);
-            let members: Vec<String> = self.pool.smembers(&key).await?;
-            if members.is_empty() {
-                return Ok(None);
-            }
-            let mut ids = Vec::with_capacity(members.len());
-            for m in members.iter().filter(|m| !m.is_empty()) {
-                ids.push(m.parse::<Id>().map_err(|e| EngineError::Corrupt {
-                    key: key.clone(),
-                    detail: e.to_string(),
-                })?);
-            }
-            ids.sort_unstable();
-            Ok(Some(ids))
-        }
-        .instrument(span)
-        .await
+        op_span("SMEMBERS celebrities get", "SMEMBERS")
+            .run(async {
+                let key = self.celebs_key(user);
+                let members: Vec<String> = self.pool.smembers(&key).await?;
+                if members.is_empty() {
+                    return Ok(None);
+                }
+                let mut ids = Vec::with_capacity(members.len());
+                for m in members.iter().filter(|m| !m.is_empty()) {
+                    ids.push(m.parse::<Id>().map_err(|e| EngineError::Corrupt {
+                        key: key.clone(),
+                        detail: e.to_string(),
+                    })?);
+                }
+                ids.sort_unstable();
+                Ok(Some(ids))
+            })
+            .await
     }
 
     async fn store_celebrities_followed(
@@ -446,110 +438,105 @@ impl FollowCache for RedisEngine {
         celebrities: &[Id],
         ttl: Duration,
     ) -> Result<(), EngineError> {
-        let span = op_span("celebrities store", "EVALSHA");
-        async {
-            let mut args = Vec::with_capacity(celebrities.len() + 1);
-            args.push(ttl.as_secs().max(1).to_string());
-            args.extend(celebrities.iter().map(Id::to_string));
-            let _: Value = self
-                .store_set
-                .evalsha_with_reload(self.pool.next(), vec![self.celebs_key(user)], args)
-                .await?;
-            Ok(())
-        }
-        .instrument(span)
-        .await
+        op_span("EVALSHA celebrities store", "EVALSHA")
+            .run(async {
+                let mut args = Vec::with_capacity(celebrities.len() + 1);
+                args.push(ttl.as_secs().max(1).to_string());
+                args.extend(celebrities.iter().map(Id::to_string));
+                let _: Value = self
+                    .store_set
+                    .evalsha_with_reload(self.pool.next(), vec![self.celebs_key(user)], args)
+                    .await?;
+                Ok(())
+            })
+            .await
     }
 
     async fn forget_celebrities_followed(&self, users: &[Id]) -> Result<(), EngineError> {
-        let span = op_span("celebrities forget", "DEL");
-        async {
-            for chunk in users.chunks(1_000) {
-                let keys: Vec<String> = chunk.iter().map(|u| self.celebs_key(*u)).collect();
-                let _: i64 = self.pool.del(keys).await?;
-            }
-            Ok(())
-        }
-        .instrument(span)
-        .await
+        op_span("DEL celebrities forget", "DEL")
+            .run(async {
+                for chunk in users.chunks(1_000) {
+                    let keys: Vec<String> = chunk.iter().map(|u| self.celebs_key(*u)).collect();
+                    let _: i64 = self.pool.del(keys).await?;
+                }
+                Ok(())
+            })
+            .await
     }
 }
 
 #[async_trait]
 impl PostCache for RedisEngine {
     async fn get_many(&self, ids: &[Id]) -> Result<Vec<Option<Bytes>>, EngineError> {
-        let span = op_span("post cache get", "MGET");
-        async {
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let keys: Vec<String> = ids.iter().map(|id| self.post_key(*id)).collect();
-            let values: Vec<Option<Bytes>> = if keys.len() == 1 {
-                vec![self.pool.get(&keys[0]).await?]
-            } else {
-                self.pool.mget(keys).await?
-            };
-            Ok(values)
-        }
-        .instrument(span)
-        .await
+        op_span("MGET post cache get", "MGET")
+            .run(async {
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let keys: Vec<String> = ids.iter().map(|id| self.post_key(*id)).collect();
+                let values: Vec<Option<Bytes>> = if keys.len() == 1 {
+                    vec![self.pool.get(&keys[0]).await?]
+                } else {
+                    self.pool.mget(keys).await?
+                };
+                Ok(values)
+            })
+            .await
     }
 
     async fn put_many(&self, entries: &[(Id, Bytes)], ttl: Duration) -> Result<(), EngineError> {
-        let span = op_span("post cache put", "SET");
-        async {
-            if entries.is_empty() {
-                return Ok(());
-            }
-            let client = self.pool.next();
-            let pipeline = client.pipeline();
-            for (id, bytes) in entries {
-                let _: () = pipeline
-                    .set(
-                        self.post_key(*id),
-                        bytes.clone(),
-                        Some(Expiration::EX(ttl.as_secs().max(1) as i64)),
-                        None,
-                        false,
-                    )
-                    .await?;
-            }
-            let _: Vec<Value> = pipeline.all().await?;
-            Ok(())
-        }
-        .instrument(span)
-        .await
+        op_span("SET post cache put", "SET")
+            .run(async {
+                if entries.is_empty() {
+                    return Ok(());
+                }
+                let client = self.pool.next();
+                let pipeline = client.pipeline();
+                for (id, bytes) in entries {
+                    let _: () = pipeline
+                        .set(
+                            self.post_key(*id),
+                            bytes.clone(),
+                            Some(Expiration::EX(ttl.as_secs().max(1) as i64)),
+                            None,
+                            false,
+                        )
+                        .await?;
+                }
+                let _: Vec<Value> = pipeline.all().await?;
+                Ok(())
+            })
+            .await
     }
 }
 
 #[async_trait]
 impl FanoutQueue for RedisEngine {
     async fn publish(&self, job: FanoutJob) -> Result<(), EngineError> {
-        let span = op_span("fanout publish", "XADD");
-        async {
-            let _: Value = self
-                .pool
-                .xadd(
-                    self.stream_key(),
-                    false,
-                    ("MAXLEN", "~", STREAM_MAX_LEN),
-                    "*",
-                    {
-                        let mut fields = vec![
-                            ("post", job.post.to_string()),
-                            ("author", job.author.to_string()),
-                        ];
-                        if let Some(tp) = job.trace {
-                            fields.push(("traceparent", tp.to_string()));
-                        }
-                        fields
-                    },
-                )
-                .await?;
-            Ok(())
-        }
-        .instrument(span)
-        .await
+        op_span("XADD fanout publish", "XADD")
+            .run(async {
+                let _: Value = self
+                    .pool
+                    .xadd(
+                        self.stream_key(),
+                        false,
+                        ("MAXLEN", "~", STREAM_MAX_LEN),
+                        "*",
+                        {
+                            let mut fields = vec![
+                                ("post", job.post.to_string()),
+                                ("author", job.author.to_string()),
+                            ];
+                            if let Some(tp) = job.trace {
+                                fields.push(("traceparent", tp.to_string()));
+                            }
+                            fields
+                        },
+                    )
+                    .await?;
+                Ok(())
+            })
+            .await
     }
 
     async fn consumer(&self, name: &str) -> Result<Box<dyn FanoutConsumer>, EngineError> {
@@ -752,38 +739,36 @@ const PUBSUB_CAPACITY: usize = 65_536;
 #[async_trait]
 impl PubSub for RedisEngine {
     async fn publish(&self, topic: &str, payload: Bytes) -> Result<u64, EngineError> {
-        let span = op_span("pubsub publish", "PUBLISH");
-        async {
-            let n: i64 = self
-                .pool
-                .next()
-                .publish(format!("{}{topic}", self.prefix), payload)
-                .await?;
-            Ok(n.max(0) as u64)
-        }
-        .instrument(span)
-        .await
+        op_span("PUBLISH pubsub publish", "PUBLISH")
+            .run(async {
+                let n: i64 = self
+                    .pool
+                    .next()
+                    .publish(format!("{}{topic}", self.prefix), payload)
+                    .await?;
+                Ok(n.max(0) as u64)
+            })
+            .await
     }
 
     async fn publish_many(&self, messages: &[(String, Bytes)]) -> Result<(), EngineError> {
-        let span = op_span("pubsub publish", "PUBLISH");
-        async {
-            if messages.is_empty() {
-                return Ok(());
-            }
-            // One pipeline on one connection keeps the order.
-            let pipeline = self.pool.next().pipeline();
-            for (topic, payload) in messages {
-                let _: () = pipeline
-                    .publish(format!("{}{topic}", self.prefix), payload.clone())
-                    .await?;
-            }
-            let results: Vec<Value> = pipeline.all().await?;
-            drop(results);
-            Ok(())
-        }
-        .instrument(span)
-        .await
+        op_span("PUBLISH pubsub publish", "PUBLISH")
+            .run(async {
+                if messages.is_empty() {
+                    return Ok(());
+                }
+                // One pipeline on one connection keeps the order.
+                let pipeline = self.pool.next().pipeline();
+                for (topic, payload) in messages {
+                    let _: () = pipeline
+                        .publish(format!("{}{topic}", self.prefix), payload.clone())
+                        .await?;
+                }
+                let results: Vec<Value> = pipeline.all().await?;
+                drop(results);
+                Ok(())
+            })
+            .await
     }
 
     async fn subscriber(&self) -> Result<Subscription, EngineError> {
@@ -900,27 +885,26 @@ impl PresenceStore for RedisEngine {
         entries: &[PresenceChange],
         expires_at_ms: i64,
     ) -> Result<Vec<PresenceChange>, EngineError> {
-        let span = op_span("presence touch", "EVALSHA");
-        async {
-            let mut out = Vec::new();
-            // Chunked: one script call holds Redis for its whole length.
-            for chunk in entries.chunks(500) {
-                let mut args = vec![
-                    self.prefix.clone(),
-                    expires_at_ms.to_string(),
-                    gateway.to_owned(),
-                ];
-                args.extend(presence_args(chunk));
-                let v: Value = self
-                    .presence_touch
-                    .evalsha_with_reload(self.pool.next(), vec![self.presence_key()], args)
-                    .await?;
-                out.extend(presence_pairs(&self.presence_key(), v)?);
-            }
-            Ok(out)
-        }
-        .instrument(span)
-        .await
+        op_span("EVALSHA presence touch", "EVALSHA")
+            .run(async {
+                let mut out = Vec::new();
+                // Chunked: one script call holds Redis for its whole length.
+                for chunk in entries.chunks(500) {
+                    let mut args = vec![
+                        self.prefix.clone(),
+                        expires_at_ms.to_string(),
+                        gateway.to_owned(),
+                    ];
+                    args.extend(presence_args(chunk));
+                    let v: Value = self
+                        .presence_touch
+                        .evalsha_with_reload(self.pool.next(), vec![self.presence_key()], args)
+                        .await?;
+                    out.extend(presence_pairs(&self.presence_key(), v)?);
+                }
+                Ok(out)
+            })
+            .await
     }
 
     async fn remove(
@@ -928,78 +912,74 @@ impl PresenceStore for RedisEngine {
         gateway: &str,
         entries: &[PresenceChange],
     ) -> Result<Vec<PresenceChange>, EngineError> {
-        let span = op_span("presence remove", "EVALSHA");
-        async {
-            let mut out = Vec::new();
-            for chunk in entries.chunks(500) {
-                let mut args = vec![self.prefix.clone(), gateway.to_owned()];
-                args.extend(presence_args(chunk));
-                let v: Value = self
-                    .presence_remove
-                    .evalsha_with_reload(self.pool.next(), vec![self.presence_key()], args)
-                    .await?;
-                out.extend(presence_pairs(&self.presence_key(), v)?);
-            }
-            Ok(out)
-        }
-        .instrument(span)
-        .await
+        op_span("EVALSHA presence remove", "EVALSHA")
+            .run(async {
+                let mut out = Vec::new();
+                for chunk in entries.chunks(500) {
+                    let mut args = vec![self.prefix.clone(), gateway.to_owned()];
+                    args.extend(presence_args(chunk));
+                    let v: Value = self
+                        .presence_remove
+                        .evalsha_with_reload(self.pool.next(), vec![self.presence_key()], args)
+                        .await?;
+                    out.extend(presence_pairs(&self.presence_key(), v)?);
+                }
+                Ok(out)
+            })
+            .await
     }
 
     async fn expire(&self, now_ms: i64, max: usize) -> Result<Vec<PresenceChange>, EngineError> {
-        let span = op_span("presence expire", "EVALSHA");
-        async {
-            let args = vec![
-                self.prefix.clone(),
-                now_ms.to_string(),
-                max.max(1).to_string(),
-            ];
-            let v: Value = self
-                .presence_expire
-                .evalsha_with_reload(self.pool.next(), vec![self.presence_key()], args)
-                .await?;
-            presence_pairs(&self.presence_key(), v)
-        }
-        .instrument(span)
-        .await
+        op_span("EVALSHA presence expire", "EVALSHA")
+            .run(async {
+                let args = vec![
+                    self.prefix.clone(),
+                    now_ms.to_string(),
+                    max.max(1).to_string(),
+                ];
+                let v: Value = self
+                    .presence_expire
+                    .evalsha_with_reload(self.pool.next(), vec![self.presence_key()], args)
+                    .await?;
+                presence_pairs(&self.presence_key(), v)
+            })
+            .await
     }
 
     async fn online(&self, users: &[Id]) -> Result<Vec<bool>, EngineError> {
-        let span = op_span("presence online", "HMGET");
-        async {
-            if users.is_empty() {
-                return Ok(Vec::new());
-            }
-            let fields: Vec<String> = users.iter().map(|u| u.0.to_string()).collect();
-            let counts: Vec<Option<i64>> = self
-                .pool
-                .next()
-                .hmget(format!("{}pres:cnt:0", self.prefix), fields)
-                .await?;
-            Ok(counts.into_iter().map(|c| c.unwrap_or(0) > 0).collect())
-        }
-        .instrument(span)
-        .await
+        op_span("HMGET presence online", "HMGET")
+            .run(async {
+                if users.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let fields: Vec<String> = users.iter().map(|u| u.0.to_string()).collect();
+                let counts: Vec<Option<i64>> = self
+                    .pool
+                    .next()
+                    .hmget(format!("{}pres:cnt:0", self.prefix), fields)
+                    .await?;
+                Ok(counts.into_iter().map(|c| c.unwrap_or(0) > 0).collect())
+            })
+            .await
     }
 
     async fn channel_online(&self, channel: Id) -> Result<Vec<Id>, EngineError> {
-        let span = op_span("presence channel", "HKEYS");
-        async {
-            let fields: Vec<String> = self
-                .pool
-                .next()
-                .hkeys(format!("{}pres:cnt:{}", self.prefix, channel))
-                .await?;
-            let mut users: Vec<Id> = fields
-                .iter()
-                .filter_map(|f| f.parse::<u64>().ok())
-                .map(Id)
-                .collect();
-            users.sort_unstable();
-            Ok(users)
-        }
-        .instrument(span)
-        .await
+        op_span("HKEYS presence channel", "HKEYS")
+            .run(async {
+                let fields: Vec<String> = self
+                    .pool
+                    .next()
+                    .hkeys(format!("{}pres:cnt:{}", self.prefix, channel))
+                    .await?;
+                let mut users: Vec<Id> = fields
+                    .iter()
+                    .filter_map(|f| f.parse::<u64>().ok())
+                    .map(Id)
+                    .collect();
+                users.sort_unstable();
+                Ok(users)
+            })
+            .await
     }
 }
 

@@ -2,8 +2,11 @@
 //!
 //! * Logs: filter with `LOADLAB_LOG` (or `RUST_LOG`), e.g. `LOADLAB_LOG=info,loadlab_feed=debug`.
 //! * Traces: `tracing` spans become OpenTelemetry spans through `tracing-opentelemetry` when an
-//!   OTLP endpoint is configured ([`OtelArgs`]); they are batch-exported over OTLP/gRPC. W3C trace
-//!   context crosses every hop: HTTP headers, gRPC metadata, the fan-out queue and chat pub/sub.
+//!   OTLP endpoint is configured ([`OtelArgs`]); they are batch-exported over OTLP/gRPC. The
+//!   hot-path spans of a sampled request — its server span and its Redis and gRPC client spans
+//!   — are made with the SDK directly ([`server_span`], [`ClientSpan`]), without the `tracing`
+//!   machinery, in the same traces. W3C trace context crosses every hop: HTTP headers, gRPC
+//!   metadata, the fan-out queue and chat pub/sub.
 //! * Metrics: each service gets a [`Telemetry`] handle whose [`Meter`] exports over OTLP/gRPC.
 //!
 //! Telemetry is off unless an endpoint is configured: then no exporter exists and nothing but
@@ -17,6 +20,7 @@
 //! [`in_service`] runs with its service's name in a task-local, and the exporter groups spans
 //! by it into one OTLP resource per service.
 
+mod client_span;
 mod pipeline;
 pub mod process;
 pub mod propagation;
@@ -32,7 +36,10 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-pub use pipeline::{in_service, root_sample_ratio, service_scope, sync_in_service};
+pub use client_span::{ClientSpan, server_span};
+pub use pipeline::{
+    EDGE_SAMPLED_KEY, in_service, root_sample_ratio, service_scope, sync_in_service,
+};
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]

@@ -2,14 +2,13 @@
 //! that started them and exported, grouped by service, through one OTLP exporter per service
 //! (each with that service's resource).
 
-use std::borrow::Cow;
 use std::future::Future;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use opentelemetry::trace::{
     Link, Span as _, SpanKind, TraceContextExt as _, TraceId, TraceState, TracerProvider as _,
 };
-use opentelemetry::{Context, KeyValue, Value};
+use opentelemetry::{Context, KeyValue, StringValue, Value};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
@@ -46,6 +45,8 @@ pub fn service_scope() -> Option<&'static str> {
 
 struct Pipeline {
     provider: SdkTracerProvider,
+    /// The tracer of spans made without `tracing` ([`super::client_span`]).
+    tracer: SdkTracer,
     services: Arc<Services>,
     /// The fraction of new traces (requests without a caller's context) that are sampled.
     root_ratio: f64,
@@ -58,6 +59,11 @@ pub fn root_sample_ratio() -> Option<f64> {
 }
 
 static PIPELINE: OnceLock<Pipeline> = OnceLock::new();
+
+/// The pipeline's tracer, when spans are exported from this process.
+pub(super) fn active_tracer() -> Option<&'static SdkTracer> {
+    PIPELINE.get().map(|p| &p.tracer)
+}
 
 /// Exporters per service, in registration order (the first is the default for spans started
 /// outside any service's task).
@@ -94,12 +100,13 @@ pub(super) fn tracer(otel: &OtelArgs) -> Option<SdkTracer> {
             .with_sampler(LinkAware(sampler))
             .build();
         Pipeline {
+            tracer: provider.tracer("loadlab"),
             provider,
             services,
             root_ratio,
         }
     });
-    Some(pipeline.provider.tracer("loadlab"))
+    Some(pipeline.tracer.clone())
 }
 
 /// The configured sampler: `--trace-sample-ratio` as parent-based ratio sampling, else
@@ -249,13 +256,14 @@ struct RoutingExporter {
     services: Arc<Services>,
 }
 
-fn take_service(span: &mut SpanData) -> Option<Cow<'static, str>> {
+fn take_service(span: &mut SpanData) -> Option<StringValue> {
     let i = span
         .attributes
         .iter()
         .position(|kv| kv.key.as_str() == SERVICE_KEY)?;
     match span.attributes.swap_remove(i).value {
-        Value::String(s) => Some(Cow::Owned(s.as_str().to_owned())),
+        // The tag is a `&'static str`: taking it allocates nothing.
+        Value::String(s) => Some(s),
         _ => None,
     }
 }
@@ -264,7 +272,7 @@ impl SpanExporter for RoutingExporter {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         // Batches are small (≤ 512) and a process runs a handful of services: a linear scan
         // beats hashing here.
-        let mut groups: Vec<(Option<Cow<'static, str>>, Vec<SpanData>)> = Vec::new();
+        let mut groups: Vec<(Option<StringValue>, Vec<SpanData>)> = Vec::new();
         for mut span in batch {
             let service = take_service(&mut span);
             span.attributes
@@ -276,7 +284,10 @@ impl SpanExporter for RoutingExporter {
         }
         let mut result = Ok(());
         for (service, spans) in groups {
-            let Some(exporter) = self.services.lookup(service.as_deref()) else {
+            let Some(exporter) = self
+                .services
+                .lookup(service.as_ref().map(StringValue::as_str))
+            else {
                 continue;
             };
             if let Err(e) = exporter.export(spans).await {
@@ -422,7 +433,10 @@ mod tests {
             status: opentelemetry::trace::Status::Unset,
             instrumentation_scope: Default::default(),
         };
-        assert_eq!(take_service(&mut span).as_deref(), Some("feed"));
+        assert_eq!(
+            take_service(&mut span).as_ref().map(StringValue::as_str),
+            Some("feed")
+        );
         assert_eq!(span.attributes, vec![KeyValue::new("http.route", "/x")]);
         assert_eq!(take_service(&mut span), None);
     }

@@ -83,13 +83,22 @@ pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
     }
 }
 
-/// Whether the current span belongs to a sampled trace. Client spans (Redis, gRPC) are only
-/// created under a sampled parent: an unsampled request then costs one span per service hop,
-/// not one per operation, which is most of what tracing costs a read at low sampling ratios.
-/// False when telemetry is off.
-pub fn current_is_sampled() -> bool {
-    let current = tracing::Span::current();
-    !current.is_none() && current.context().span().span_context().is_sampled()
+/// Writes the active OpenTelemetry context into `headers`; for an unsampled request without
+/// spans, its unsampled context (see [`inject`]).
+pub fn inject_current(headers: &mut http::HeaderMap) {
+    let cx = opentelemetry::Context::current();
+    if cx.span().span_context().is_valid() {
+        inject_context(&cx, headers);
+    } else {
+        inject(&tracing::Span::none(), headers);
+    }
+}
+
+/// Writes the context `cx` (e.g. of a [`super::ClientSpan`]) into `headers`.
+pub fn inject_context(cx: &opentelemetry::Context, headers: &mut http::HeaderMap) {
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(cx, &mut HeaderInjector(headers));
+    });
 }
 
 /// A span's identity, small enough to travel with a queued job or a published message.
@@ -112,7 +121,10 @@ impl TraceParent {
     /// The identity of the current span (of the unsampled request being handled, when it
     /// runs without spans).
     pub fn current() -> Option<TraceParent> {
-        TraceParent::of(&tracing::Span::current()).or_else(|| UNSAMPLED.try_with(|tp| *tp).ok())
+        // The active OpenTelemetry context: a sampled request's server span, or the `tracing`
+        // span entered last (entering one activates its context).
+        TraceParent::of_context(&opentelemetry::Context::current())
+            .or_else(|| UNSAMPLED.try_with(|tp| *tp).ok())
     }
 
     /// The span context in `cx` (e.g. a caller's, extracted from headers), if it is valid.
