@@ -74,6 +74,15 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system, clock 
 
 measure() { # measure LABEL [TELEMETRY FLAGS...]: prints req/s
   local label=$1; shift
+  # A fresh receiver for each run with telemetry: one that had filled up (it keeps at most
+  # 500 000 spans) would do less work per span and flatter the next runs.
+  if [ $# -gt 0 ]; then
+    LOADLAB_LOG=warn "$bin/loadlab" receive --listen "$receiver" > "$work/receiver.txt" &
+    rcv=$!; pids+=("$rcv")
+    for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/${receiver%:*}/${receiver#*:}") 2>/dev/null && break; sleep 0.1; done
+  else
+    rcv=$$ # no receiver: its column is this script's (idle) CPU
+  fi
   start_services "$@"
   # Warm connections, caches and the allocator before measuring.
   LOADLAB_BENCH_USERS="$work/seed/readers.txt" LOADLAB_BENCH_LIMIT=20 \
@@ -92,6 +101,11 @@ measure() { # measure LABEL [TELEMETRY FLAGS...]: prints req/s
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s benches/feed/read.lua "http://127.0.0.1:$feed_port" > "$work/$label.txt"
   for p in "${svc[@]}" "$rcv"; do after+=("$(cpu_ticks "$p")"); done
   stop_services
+  if [ $# -gt 0 ]; then
+    kill -TERM "$rcv"; wait "$rcv" 2>/dev/null || true
+    # The last run's receiver report (ratio 1.0's, with the default RATIOS) is printed at the end.
+    cp "$work/receiver.txt" "$work/receiver-last.txt"
+  fi
   local rps non2xx requests
   rps=$(awk '/^Requests\/sec/ {print $2}' "$work/$label.txt")
   requests=$(awk '/requests in/ {print $1}' "$work/$label.txt")
@@ -109,9 +123,6 @@ print(' '.join(f'{name} {(y - x) / hz / n * 1e6:.1f}' for name, x, y in zip(('ti
 }
 
 say "loadlab tracing overhead $(date -u +%FT%TZ) on $(nproc) cores; DURATION=$DURATION CONNECTIONS=$CONNECTIONS READERS=$READERS"
-LOADLAB_LOG=warn "$bin/loadlab" receive --listen "$receiver" > "$work/receiver.txt" &
-rcv=$!; pids+=("$rcv")
-
 log "seeding ${READERS} readers"
 start_services
 python3 benches/feed/seed.py --url "http://127.0.0.1:$feed_port" --out "$work/seed" --readers "$READERS" >/dev/null
@@ -137,9 +148,9 @@ for round in $(seq 1 "$ROUNDS"); do
   done
   prev=$next
 done
-kill -TERM "$rcv"; wait "$rcv" 2>/dev/null || true
-# What the receiver got, with its per-service span breakdown (spans per read = count / reads).
-say "$(tail -n +2 "$work/receiver.txt")"
+# What the receiver of the last run with telemetry got, with its per-service span breakdown
+# (spans per read = count / reads, warm-up included).
+say "$(tail -n +2 "$work/receiver-last.txt")"
 for r in $RATIOS; do
   say "$(python3 -c "
 import statistics
