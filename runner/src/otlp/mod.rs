@@ -325,21 +325,25 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn render(value: Option<&AnyValue>) -> String {
-    match value.and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => s.clone(),
-        Some(any_value::Value::BoolValue(b)) => b.to_string(),
-        Some(any_value::Value::IntValue(i)) => i.to_string(),
-        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
-        Some(other) => format!("{other:?}"),
-        None => String::new(),
-    }
+    render_value(value.and_then(|v| v.value.as_ref()))
 }
 
 /// [`render`], moving a string value instead of copying it.
 fn render_owned(value: Option<AnyValue>) -> String {
     match value.and_then(|v| v.value) {
         Some(any_value::Value::StringValue(s)) => s,
-        other => render(other.map(|v| AnyValue { value: Some(v) }).as_ref()),
+        other => render_value(other.as_ref()),
+    }
+}
+
+fn render_value(value: Option<&any_value::Value>) -> String {
+    match value {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
     }
 }
 

@@ -8,6 +8,17 @@ use std::time::Duration;
 use opentelemetry::KeyValue;
 use tonic::transport::{Channel, Endpoint};
 
+/// The gRPC status code of a response as its headers tell it: a failed call answers
+/// "trailers-only", with grpc-status in the headers; a successful unary call sends it in
+/// trailers, which a middleware never sees, so absent means OK (0).
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> i64 {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0)
+}
+
 /// A bad peer URL.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid peer URL {url:?}: {reason}")]
@@ -83,22 +94,16 @@ impl tower::Service<http::Request<tonic::body::Body>> for TracedChannel {
                 ],
             )
         });
-        match span.context() {
-            Some(cx) => crate::telemetry::propagation::inject_context(&cx, request.headers_mut()),
-            None => crate::telemetry::propagation::inject_current(request.headers_mut()),
-        }
+        let cx = span
+            .context()
+            .unwrap_or_else(opentelemetry::Context::current);
+        crate::telemetry::propagation::inject_context(&cx, request.headers_mut());
         let call = tower::Service::call(&mut self.inner, request);
         Box::pin(async move {
             let result = call.await;
             if span.is_recording() {
-                // Trailers-only answers (errors) carry grpc-status in the headers.
                 let code = match &result {
-                    Ok(r) => r
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i64>().ok())
-                        .unwrap_or(0),
+                    Ok(r) => grpc_status(r.headers()),
                     Err(_) => 14, // UNAVAILABLE: the transport failed.
                 };
                 span.set_attribute(KeyValue::new("rpc.grpc.status_code", code));

@@ -254,14 +254,7 @@ async fn trace_request(
     .await;
     let span = opentelemetry::trace::TraceContextExt::span(&cx);
     if grpc {
-        // A failed call answers "trailers-only": grpc-status is in the headers. A successful
-        // unary call sends it in trailers, which a middleware never sees: absent means OK.
-        let code = response
-            .headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(0);
+        let code = crate::grpc::grpc_status(response.headers());
         span.set_attribute(KeyValue::new("rpc.grpc.status_code", code));
         if code != 0 {
             span.set_status(opentelemetry::trace::Status::error(format!(

@@ -875,6 +875,27 @@ impl RedisEngine {
     fn presence_key(&self) -> String {
         format!("{}pres:all", self.prefix)
     }
+
+    /// Runs a presence script over `entries`, `head` then the entries' arguments each call,
+    /// chunked (one script call holds Redis for its whole length); the changes it reports.
+    async fn presence_script(
+        &self,
+        script: &Script,
+        head: &[String],
+        entries: &[PresenceChange],
+    ) -> Result<Vec<PresenceChange>, EngineError> {
+        let key = self.presence_key();
+        let mut out = Vec::new();
+        for chunk in entries.chunks(500) {
+            let mut args = head.to_vec();
+            args.extend(presence_args(chunk));
+            let v: Value = script
+                .evalsha_with_reload(self.pool.next(), vec![key.clone()], args)
+                .await?;
+            out.extend(presence_pairs(&key, v)?);
+        }
+        Ok(out)
+    }
 }
 
 #[async_trait]
@@ -887,22 +908,13 @@ impl PresenceStore for RedisEngine {
     ) -> Result<Vec<PresenceChange>, EngineError> {
         op_span("EVALSHA presence touch", "EVALSHA")
             .run(async {
-                let mut out = Vec::new();
-                // Chunked: one script call holds Redis for its whole length.
-                for chunk in entries.chunks(500) {
-                    let mut args = vec![
-                        self.prefix.clone(),
-                        expires_at_ms.to_string(),
-                        gateway.to_owned(),
-                    ];
-                    args.extend(presence_args(chunk));
-                    let v: Value = self
-                        .presence_touch
-                        .evalsha_with_reload(self.pool.next(), vec![self.presence_key()], args)
-                        .await?;
-                    out.extend(presence_pairs(&self.presence_key(), v)?);
-                }
-                Ok(out)
+                let head = [
+                    self.prefix.clone(),
+                    expires_at_ms.to_string(),
+                    gateway.to_owned(),
+                ];
+                self.presence_script(&self.presence_touch, &head, entries)
+                    .await
             })
             .await
     }
@@ -914,17 +926,9 @@ impl PresenceStore for RedisEngine {
     ) -> Result<Vec<PresenceChange>, EngineError> {
         op_span("EVALSHA presence remove", "EVALSHA")
             .run(async {
-                let mut out = Vec::new();
-                for chunk in entries.chunks(500) {
-                    let mut args = vec![self.prefix.clone(), gateway.to_owned()];
-                    args.extend(presence_args(chunk));
-                    let v: Value = self
-                        .presence_remove
-                        .evalsha_with_reload(self.pool.next(), vec![self.presence_key()], args)
-                        .await?;
-                    out.extend(presence_pairs(&self.presence_key(), v)?);
-                }
-                Ok(out)
+                let head = [self.prefix.clone(), gateway.to_owned()];
+                self.presence_script(&self.presence_remove, &head, entries)
+                    .await
             })
             .await
     }

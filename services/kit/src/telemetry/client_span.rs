@@ -38,15 +38,10 @@ pub fn server_span(name: String, attributes: Vec<KeyValue>, parent: &Context) ->
 
 /// A client span, or nothing when the current work is not sampled. Ends when dropped (also
 /// when the operation is cancelled), or through [`ClientSpan::run`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ClientSpan(Option<opentelemetry_sdk::trace::Span>);
 
 impl ClientSpan {
-    /// An inert span: records nothing.
-    pub fn none() -> Self {
-        ClientSpan(None)
-    }
-
     /// Starts a client span named `name`, child of the active context (the request's server
     /// span, or the `tracing` span entered last), if that belongs to a sampled trace and spans
     /// are exported. `describe` gives its name and attributes, and is only called then.

@@ -68,37 +68,24 @@ pub fn in_unsampled() -> bool {
     UNSAMPLED.try_with(|_| ()).is_ok()
 }
 
-/// Writes `span`'s context into `headers`; for an unsampled request without spans, its
-/// unsampled context. Nothing otherwise (telemetry off, or the span is not recorded).
+/// Writes `span`'s context into `headers` (see [`inject_context`]).
 pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
-    let cx = span.context();
+    inject_context(&span.context(), headers);
+}
+
+/// Writes the context `cx` (e.g. of a [`super::ClientSpan`], or the active one) into
+/// `headers`; when it holds no span, the unsampled context of an unsampled request without
+/// spans. Nothing otherwise (telemetry off, or no recorded span).
+pub fn inject_context(cx: &opentelemetry::Context, headers: &mut http::HeaderMap) {
     if cx.span().span_context().is_valid() {
         opentelemetry::global::get_text_map_propagator(|p| {
-            p.inject_context(&cx, &mut HeaderInjector(headers));
+            p.inject_context(cx, &mut HeaderInjector(headers));
         });
     } else if let Ok(tp) = UNSAMPLED.try_with(|tp| *tp)
         && let Ok(v) = http::HeaderValue::from_str(&tp.to_string())
     {
         headers.insert("traceparent", v);
     }
-}
-
-/// Writes the active OpenTelemetry context into `headers`; for an unsampled request without
-/// spans, its unsampled context (see [`inject`]).
-pub fn inject_current(headers: &mut http::HeaderMap) {
-    let cx = opentelemetry::Context::current();
-    if cx.span().span_context().is_valid() {
-        inject_context(&cx, headers);
-    } else {
-        inject(&tracing::Span::none(), headers);
-    }
-}
-
-/// Writes the context `cx` (e.g. of a [`super::ClientSpan`]) into `headers`.
-pub fn inject_context(cx: &opentelemetry::Context, headers: &mut http::HeaderMap) {
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(cx, &mut HeaderInjector(headers));
-    });
 }
 
 /// A span's identity, small enough to travel with a queued job or a published message.
