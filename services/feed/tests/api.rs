@@ -300,6 +300,19 @@ async fn missing_timeline_is_rebuilt(backend: Backend) {
         .expect("remove");
     assert_eq!(stack.stored_home(bob.id).await, None);
     assert_eq!(stack.home_all(&bob).await, posts);
+    assert_eq!(stack.stored_home(bob.id).await, Some(posts.clone()));
+
+    // Many first reads at once: each either rebuilds or reads a filled timeline; none may see
+    // another's rebuild half-done (an empty page).
+    let home = loadlab_kit::engine::TimelineKey::Home(bob.id);
+    for round in 0..5 {
+        stack.engine.timelines.remove(home).await.expect("remove");
+        let pages = futures::future::join_all((0..16).map(|_| stack.home(&bob, "?limit=20"))).await;
+        for (status, body) in pages {
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(Stack::ids(&body), posts, "round {round}: {body}");
+        }
+    }
     assert_eq!(stack.stored_home(bob.id).await, Some(posts));
     stack.stop().await;
 }

@@ -64,13 +64,56 @@ async fn timelines_skip_missing_and_keep_order(engine: Engine) {
         .materialise(home)
         .await
         .expect("materialise");
+    // Materialised but not filled: a rebuild is in progress, and a reader must not take it for
+    // an empty timeline.
     assert_eq!(
         engine
             .timelines
             .range(&[home], None, 10)
             .await
             .expect("range"),
-        vec![Some(vec![])]
+        vec![None]
+    );
+    // Appends during the rebuild land; the fill adds the source's posts and makes it readable.
+    assert_eq!(
+        engine
+            .timelines
+            .append(&[home], id_at(5, 0), 10)
+            .await
+            .expect("append"),
+        1
+    );
+    engine
+        .timelines
+        .materialise(home)
+        .await
+        .expect("a second rebuild materialises again");
+    engine
+        .timelines
+        .fill(home, &[id_at(4, 0)], 10)
+        .await
+        .expect("fill");
+    assert_eq!(
+        engine
+            .timelines
+            .range(&[home], None, 10)
+            .await
+            .expect("range"),
+        vec![Some(vec![id_at(5, 0), id_at(4, 0)])]
+    );
+    // Materialising a filled timeline changes nothing: it stays readable.
+    engine
+        .timelines
+        .materialise(home)
+        .await
+        .expect("materialise");
+    assert_eq!(
+        engine
+            .timelines
+            .range(&[home], None, 10)
+            .await
+            .expect("range"),
+        vec![Some(vec![id_at(5, 0), id_at(4, 0)])]
     );
     for (ms, seq) in [(10, 0), (30, 0), (20, 0), (20, 1)] {
         assert_eq!(
@@ -99,7 +142,9 @@ async fn timelines_skip_missing_and_keep_order(engine: Engine) {
             id_at(30, 0),
             id_at(20, 1),
             id_at(20, 0),
-            id_at(10, 0)
+            id_at(10, 0),
+            id_at(5, 0),
+            id_at(4, 0)
         ])]
     );
 
@@ -113,6 +158,12 @@ async fn timelines_skip_missing_and_keep_order(engine: Engine) {
     let page = engine
         .timelines
         .range(&[home], Some(id_at(10, 0)), 2)
+        .await
+        .expect("range");
+    assert_eq!(page, vec![Some(vec![id_at(5, 0), id_at(4, 0)])]);
+    let page = engine
+        .timelines
+        .range(&[home], Some(id_at(4, 0)), 2)
         .await
         .expect("range");
     assert_eq!(page, vec![Some(vec![])]);
@@ -136,6 +187,16 @@ async fn timelines_are_capped_to_the_newest(engine: Engine) {
         .materialise(home)
         .await
         .expect("materialise");
+    // An empty rebuild still fills: the timeline becomes readable, and empty.
+    engine.timelines.fill(home, &[], 5).await.expect("fill");
+    assert_eq!(
+        engine
+            .timelines
+            .range(&[home], None, 100)
+            .await
+            .expect("range"),
+        vec![Some(vec![])]
+    );
     for ms in 1..=12u64 {
         engine
             .timelines
@@ -467,6 +528,7 @@ async fn appends_trim_in_bulk_past_the_slack(engine: Engine) {
         .materialise(home)
         .await
         .expect("materialise");
+    engine.timelines.fill(home, &[], 32).await.expect("fill");
     let len = |v: Vec<Option<Vec<Id>>>| v[0].as_ref().map_or(0, Vec::len);
     // cap 32 → slack 2: up to 34 entries are kept, the 35th trims back to 32.
     for ms in 1..=34u64 {

@@ -20,7 +20,7 @@ const PUBSUB_CAPACITY: usize = 65_536;
 
 /// All in-process state. Locks are held only for map operations, never across an await.
 pub struct MemoryEngine {
-    timelines: Mutex<HashMap<TimelineKey, BTreeSet<Id>>>,
+    timelines: Mutex<HashMap<TimelineKey, Timeline>>,
     celebrities: Mutex<HashMap<Id, (Vec<Id>, Instant)>>,
     posts: Mutex<HashMap<Id, (Bytes, Instant)>>,
     queue: Arc<Queue>,
@@ -66,6 +66,13 @@ impl PresenceState {
     }
 }
 
+/// A materialised timeline; `filled` turns true when the rebuild that materialised it fills it.
+#[derive(Default)]
+struct Timeline {
+    ids: BTreeSet<Id>,
+    filled: bool,
+}
+
 #[derive(Default)]
 struct Queue {
     state: Mutex<QueueState>,
@@ -101,9 +108,9 @@ impl TimelineStore for MemoryEngine {
         let mut timelines = lock(&self.timelines);
         let mut n = 0;
         for key in keys {
-            if let Some(set) = timelines.get_mut(key) {
-                set.insert(post);
-                trim(set, cap, cap / 16);
+            if let Some(t) = timelines.get_mut(key) {
+                t.ids.insert(post);
+                trim(&mut t.ids, cap, cap / 16);
                 n += 1;
             }
         }
@@ -120,10 +127,13 @@ impl TimelineStore for MemoryEngine {
         Ok(keys
             .iter()
             .map(|key| {
-                timelines.get(key).map(|set| match before {
-                    Some(b) => set.range(..b).rev().take(limit).copied().collect(),
-                    None => set.iter().rev().take(limit).copied().collect(),
-                })
+                timelines
+                    .get(key)
+                    .filter(|t| t.filled)
+                    .map(|t| match before {
+                        Some(b) => t.ids.range(..b).rev().take(limit).copied().collect(),
+                        None => t.ids.iter().rev().take(limit).copied().collect(),
+                    })
             })
             .collect())
     }
@@ -135,9 +145,10 @@ impl TimelineStore for MemoryEngine {
 
     async fn fill(&self, key: TimelineKey, posts: &[Id], cap: usize) -> Result<(), EngineError> {
         let mut timelines = lock(&self.timelines);
-        if let Some(set) = timelines.get_mut(&key) {
-            set.extend(posts.iter().copied());
-            trim(set, cap, 0);
+        if let Some(t) = timelines.get_mut(&key) {
+            t.ids.extend(posts.iter().copied());
+            trim(&mut t.ids, cap, 0);
+            t.filled = true;
         }
         Ok(())
     }

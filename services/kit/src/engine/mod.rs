@@ -53,11 +53,13 @@ pub enum TimelineKey {
 
 /// Materialised timelines: post ids ordered by creation time, capped.
 ///
-/// A timeline is either *materialised* (possibly empty) or *missing*. Appends only touch
-/// materialised timelines; a reader that finds one missing rebuilds it: [`TimelineStore::materialise`]
-/// first, so appends from then on land, then reads the source of truth, then
-/// [`TimelineStore::fill`]. That order guarantees a post committed during the rebuild is either in
-/// the source read or appended afterwards.
+/// A timeline is either *missing*, *materialised* but not yet filled, or *filled* (possibly
+/// empty). Appends touch materialised timelines, filled or not; reads see only filled ones. A
+/// reader that finds one missing rebuilds it: [`TimelineStore::materialise`] first, so appends
+/// from then on land, then reads the source of truth, then [`TimelineStore::fill`]. That order
+/// guarantees a post committed during the rebuild is either in the source read or appended
+/// afterwards; and since a materialised timeline reads as missing until filled, a concurrent
+/// reader never mistakes a rebuild in progress for an empty timeline (it rebuilds too).
 #[async_trait]
 pub trait TimelineStore: Send + Sync {
     /// Adds `post` to every materialised timeline among `keys`, trimming each to the newest `cap`
@@ -65,8 +67,8 @@ pub trait TimelineStore: Send + Sync {
     /// on every append). Idempotent. Returns how many timelines received it.
     async fn append(&self, keys: &[TimelineKey], post: Id, cap: usize) -> Result<u32, EngineError>;
 
-    /// For each key, `None` if missing, else up to `limit` post ids strictly older than `before`
-    /// (all when `None`), newest first.
+    /// For each key, `None` if missing or not yet filled, else up to `limit` post ids strictly
+    /// older than `before` (all when `None`), newest first.
     async fn range(
         &self,
         keys: &[TimelineKey],
@@ -74,12 +76,13 @@ pub trait TimelineStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<Option<Vec<Id>>>, EngineError>;
 
-    /// Marks a timeline materialised (empty if it was missing).
+    /// Marks a timeline materialised (empty and not filled if it was missing; unchanged
+    /// otherwise).
     async fn materialise(&self, key: TimelineKey) -> Result<(), EngineError>;
 
-    /// Adds `posts` to a materialised timeline and trims it to `cap`. A missing timeline stays
-    /// missing: it was invalidated (a follow changed the graph) while being rebuilt, and the
-    /// next read rebuilds it from the new graph.
+    /// Adds `posts` to a materialised timeline, trims it to `cap`, and marks it filled (readable,
+    /// even when `posts` is empty). A missing timeline stays missing: it was invalidated (a follow
+    /// changed the graph) while being rebuilt, and the next read rebuilds it from the new graph.
     async fn fill(&self, key: TimelineKey, posts: &[Id], cap: usize) -> Result<(), EngineError>;
 
     /// Drops a timeline (it becomes missing).

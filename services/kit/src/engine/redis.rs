@@ -2,7 +2,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P tl:h:<user>` | sorted set | home timeline: members are 16-hex-digit post ids, scores are the id's millisecond timestamp; the member `""` at score -1 marks the timeline materialised |
+//! | `P tl:h:<user>` | sorted set | home timeline: members are 16-hex-digit post ids, scores are the id's millisecond timestamp; the member `""` marks the timeline materialised: at score -2 while a rebuild fills it (readers treat it as missing), at -1 once filled |
 //! | `P tl:a:<author>` | sorted set | author timeline, same encoding |
 //! | `P celebs:<user>` | set | celebrities `user` follows (member `""` marks it cached), with a TTL |
 //! | `P post:<id>` | string | protobuf-encoded post, with a TTL |
@@ -62,9 +62,11 @@ const GROUP: &str = "fanout";
 /// Bound on the stream length. Acked entries are deleted, so this only bites if workers are down
 /// for a long time; the database sweep re-publishes anything trimmed away.
 const STREAM_MAX_LEN: i64 = 1_000_000;
+/// Posts per fill script call.
+const FILL_CHUNK: usize = 1_000;
 
 /// Appends to materialised timelines. KEYS: timelines; ARGV: member, score, cap.
-/// A materialised timeline always has at least its marker (score -1), so ZCARD tells missing
+/// A materialised timeline always has at least its marker (score -2 or -1), so ZCARD tells missing
 /// from materialised in one O(1) call. Trimming keeps rank 0 (the marker) and the newest `cap`;
 /// it happens in bulk once a timeline exceeds its cap by 1/16, which saves a command on almost
 /// every append (the dominant Redis cost of fan-out).
@@ -86,11 +88,13 @@ return n
 "#;
 
 /// Reads timelines. KEYS: timelines; ARGV: max score (inclusive), count.
-/// Returns, per key, false when missing, else members newest first.
+/// Returns, per key, false when missing or still being filled by a rebuild (marker at -2), else
+/// members newest first. Scripts see RESP2 replies: ZSCORE gives a string, or false when absent.
 const RANGE_LUA: &str = r#"
 local out = {}
 for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then
+  local marker = redis.call('ZSCORE', key, '')
+  if marker and tonumber(marker) == -1 then
     out[i] = redis.call('ZREVRANGEBYSCORE', key, ARGV[1], 0, 'LIMIT', 0, tonumber(ARGV[2]))
   else
     out[i] = false
@@ -99,16 +103,20 @@ end
 return out
 "#;
 
-/// Fills a materialised timeline. KEYS: timeline; ARGV: cap, then score/member pairs.
-/// A missing timeline was invalidated while being rebuilt: it stays missing (returns 0).
+/// Fills a materialised timeline. KEYS: timeline; ARGV: cap, last chunk (1/0), then
+/// score/member pairs. The last chunk marks the timeline filled (marker to -1), which makes it
+/// readable. A missing timeline was invalidated while being rebuilt: it stays missing (returns 0).
 const FILL_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('ZREMRANGEBYRANK', KEYS[1], 1, -(tonumber(ARGV[1]) + 1))
+if ARGV[2] == '1' then
+  redis.call('ZADD', KEYS[1], 'XX', -1, '')
+end
 return 1
 "#;
 
@@ -370,7 +378,7 @@ impl TimelineStore for RedisEngine {
                         None,
                         false,
                         false,
-                        (-1.0, ""),
+                        (-2.0, ""),
                     )
                     .await?;
                 Ok(())
@@ -381,10 +389,17 @@ impl TimelineStore for RedisEngine {
     async fn fill(&self, key: TimelineKey, posts: &[Id], cap: usize) -> Result<(), EngineError> {
         op_span("EVALSHA timeline fill", "EVALSHA")
             .run(async {
-                // Chunked so one script call stays small even for a cap of many thousands.
-                for chunk in posts.chunks(1_000) {
-                    let mut args = Vec::with_capacity(1 + chunk.len() * 2);
+                // Chunked so one script call stays small even for a cap of many thousands; an
+                // empty rebuild still needs one call, to mark the timeline filled.
+                let mut chunks: Vec<&[Id]> = posts.chunks(FILL_CHUNK).collect();
+                if chunks.is_empty() {
+                    chunks.push(&[]);
+                }
+                let last = chunks.len() - 1;
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    let mut args = Vec::with_capacity(2 + chunk.len() * 2);
                     args.push(cap.to_string());
+                    args.push(if i == last { "1" } else { "0" }.to_owned());
                     for p in chunk {
                         args.push(p.epoch_ms().to_string());
                         args.push(member(*p));
