@@ -10,7 +10,9 @@
 #
 # Knobs (environment): DURATION (15s), CONNECTIONS (64), THREADS (2), READERS (500),
 # RATIOS ("0 0.01 0.1 1.0"), ROUNDS (1; the median of the rounds is reported), SKIP_BUILD=1,
-# PERF=1 (record `perf` profiles of timeline and feed in each run into benches/out/perf-*.data;
+# PERF=1 (record `perf` profiles of timeline, feed and the receiver in each run into
+# benches/out/perf-*.data,
+# with extra `perf record` flags from PERF_FLAGS, e.g. "--call-graph dwarf";
 # needs Debian's linux-perf).
 # Output also goes to benches/out/tracing-<time>.txt.
 set -euo pipefail
@@ -90,10 +92,13 @@ measure() { # measure LABEL [TELEMETRY FLAGS...]: prints req/s
   # CPU of each process in svc's order (timeline, feed), then the receiver.
   local before=() after=() p
   for p in "${svc[@]}" "$rcv"; do before+=("$(cpu_ticks "$p")"); done
-  if [ -n "${PERF:-}" ]; then # profiles of timeline and feed over the run's first 6 s
-    local tag=${label//[^a-z0-9.]/_} i=0 name
-    for name in timeline feed; do
-      perf record -F 999 -o "$out_dir/perf-$tag-$name.data" -p "${svc[$i]}" -- sleep 6 >/dev/null 2>&1 &
+  if [ -n "${PERF:-}" ]; then # profiles of timeline, feed (and the receiver) over the first 6 s
+    local tag=${label//[^a-z0-9.]/_} i=0 name targets=("${svc[@]}")
+    [ $# -gt 0 ] && targets+=("$rcv")
+    for name in timeline feed receiver; do
+      [ "$i" -lt "${#targets[@]}" ] || break
+      # shellcheck disable=SC2086 # PERF_FLAGS is a list of flags
+      perf record -F 999 ${PERF_FLAGS:-} -o "$out_dir/perf-$tag-$name.data" -p "${targets[$i]}" -- sleep 6 >/dev/null 2>&1 &
       i=$((i + 1))
     done
   fi

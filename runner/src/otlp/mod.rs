@@ -5,6 +5,7 @@
 
 pub mod report;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +21,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
@@ -31,6 +32,9 @@ use tokio::net::TcpListener;
 pub const MAX_SPANS: usize = 500_000;
 /// Metric points kept at most.
 pub const MAX_POINTS: usize = 200_000;
+/// Distinct strings (names, attribute keys and values) shared between stored spans at most;
+/// beyond it new strings are stored unshared.
+const MAX_INTERNED: usize = 100_000;
 
 /// A received span, flattened.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,9 +100,96 @@ pub struct MetricPoint {
     pub value: f64,
 }
 
+/// A span as stored: ids as bytes, and every string shared with the other spans that carry it
+/// (service, name, attribute keys and most values repeat). At full sampling a run keeps up to
+/// [`MAX_SPANS`] of these; in this form a span takes about a third of a [`ReceivedSpan`], and it
+/// keeps no allocation of the decoded request alive, so the decoder's memory is reused instead
+/// of the store growing into fresh pages.
+struct StoredSpan {
+    service: Arc<str>,
+    name: Arc<str>,
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    parent_span_id: Option<[u8; 8]>,
+    kind: i32,
+    status: i32,
+    start_unix_nano: u64,
+    end_unix_nano: u64,
+    attributes: Box<[(Arc<str>, Arc<str>)]>,
+    links: Box<[([u8; 16], [u8; 8])]>,
+}
+
+impl StoredSpan {
+    fn to_received(&self) -> ReceivedSpan {
+        ReceivedSpan {
+            service: self.service.to_string(),
+            trace_id: hex(&self.trace_id),
+            span_id: hex(&self.span_id),
+            parent_span_id: self.parent_span_id.map(|p| hex(&p)).unwrap_or_default(),
+            name: self.name.to_string(),
+            kind: self.kind,
+            start_unix_nano: self.start_unix_nano,
+            end_unix_nano: self.end_unix_nano,
+            attributes: self
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            links: self.links.iter().map(|(t, s)| (hex(t), hex(s))).collect(),
+            status: self.status,
+        }
+    }
+}
+
+/// Shared strings, bounded by [`MAX_INTERNED`].
+#[derive(Default)]
+struct Interner(HashSet<Arc<str>>);
+
+impl Interner {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.0.get(s) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(s);
+        if self.0.len() < MAX_INTERNED {
+            self.0.insert(shared.clone());
+        }
+        shared
+    }
+
+    fn value(&mut self, value: Option<&AnyValue>) -> Arc<str> {
+        match value.and_then(|v| v.value.as_ref()) {
+            Some(any_value::Value::StringValue(s)) => self.get(s),
+            other => self.get(&render_value(other)),
+        }
+    }
+}
+
+/// Why a span of an export request was rejected: OTLP requires 16-byte trace ids and 8-byte
+/// span ids (and an empty or 8-byte parent).
+#[derive(Debug, PartialEq)]
+enum BadIds {
+    Trace(usize),
+    Span(usize),
+    Parent(usize),
+    Link,
+}
+
+impl std::fmt::Display for BadIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BadIds::Trace(n) => write!(f, "trace_id has {n} bytes, not 16"),
+            BadIds::Span(n) => write!(f, "span_id has {n} bytes, not 8"),
+            BadIds::Parent(n) => write!(f, "parent_span_id has {n} bytes, not 0 or 8"),
+            BadIds::Link => f.write_str("a link's ids are not 16 and 8 bytes"),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Store {
-    spans: Vec<ReceivedSpan>,
+    spans: Vec<StoredSpan>,
+    strings: Interner,
     dropped_spans: u64,
     /// (service, metric, point), in arrival order.
     points: Vec<(String, ProcessMetric, MetricPoint)>,
@@ -127,16 +218,23 @@ impl Received {
 
     /// Every span received so far.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
-        self.lock().spans.clone()
-    }
-
-    /// The spans of one trace.
-    pub fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
         self.lock()
             .spans
             .iter()
-            .filter(|s| s.trace_id == trace_id)
-            .cloned()
+            .map(StoredSpan::to_received)
+            .collect()
+    }
+
+    /// The spans of one trace (`trace_id` in hex; none when it is not a trace id).
+    pub fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
+        let Some(id) = parse_trace_id(trace_id) else {
+            return Vec::new();
+        };
+        self.lock()
+            .spans
+            .iter()
+            .filter(|s| s.trace_id == id)
+            .map(StoredSpan::to_received)
             .collect()
     }
 
@@ -194,7 +292,7 @@ impl Received {
     ) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if done(&self.lock().spans) {
+            if done(&self.spans()) {
                 return true;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -204,40 +302,56 @@ impl Received {
         }
     }
 
-    fn add_spans(&self, request: ExportTraceServiceRequest) {
-        let mut store = self.lock();
-        for rs in request.resource_spans {
-            let service = service_name(rs.resource.as_ref().map(|r| r.attributes.as_slice()));
-            for ss in rs.scope_spans {
-                for span in ss.spans {
-                    if store.spans.len() >= MAX_SPANS {
-                        store.dropped_spans += 1;
+    /// Stores the spans of `request`; returns how many were rejected for malformed ids, and
+    /// the first reason.
+    fn add_spans(&self, request: &ExportTraceServiceRequest) -> (i64, Option<BadIds>) {
+        let mut guard = self.lock();
+        let store = &mut *guard;
+        let (mut rejected, mut reason) = (0i64, None);
+        for rs in &request.resource_spans {
+            let service = store.strings.get(&service_name(
+                rs.resource.as_ref().map(|r| r.attributes.as_slice()),
+            ));
+            for span in rs.scope_spans.iter().flat_map(|ss| &ss.spans) {
+                let ids = match span_ids(span) {
+                    Ok(ids) => ids,
+                    Err(why) => {
+                        rejected += 1;
+                        reason.get_or_insert(why);
                         continue;
                     }
-                    store.spans.push(ReceivedSpan {
-                        service: service.clone(),
-                        trace_id: hex(&span.trace_id),
-                        span_id: hex(&span.span_id),
-                        parent_span_id: hex(&span.parent_span_id),
-                        name: span.name,
-                        kind: span.kind,
-                        start_unix_nano: span.start_time_unix_nano,
-                        end_unix_nano: span.end_time_unix_nano,
-                        attributes: span
-                            .attributes
-                            .into_iter()
-                            .map(|kv| (kv.key, render_owned(kv.value)))
-                            .collect(),
-                        links: span
-                            .links
-                            .iter()
-                            .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
-                            .collect(),
-                        status: span.status.map_or(0, |s| s.code),
-                    });
+                };
+                if store.spans.len() >= MAX_SPANS {
+                    store.dropped_spans += 1;
+                    continue;
                 }
+                let (trace_id, span_id, parent_span_id, links) = ids;
+                let attributes = span
+                    .attributes
+                    .iter()
+                    .map(|kv| {
+                        (
+                            store.strings.get(&kv.key),
+                            store.strings.value(kv.value.as_ref()),
+                        )
+                    })
+                    .collect();
+                store.spans.push(StoredSpan {
+                    service: service.clone(),
+                    name: store.strings.get(&span.name),
+                    trace_id,
+                    span_id,
+                    parent_span_id,
+                    kind: span.kind,
+                    status: span.status.as_ref().map_or(0, |s| s.code),
+                    start_unix_nano: span.start_time_unix_nano,
+                    end_unix_nano: span.end_time_unix_nano,
+                    attributes,
+                    links,
+                });
             }
         }
+        (rejected, reason)
     }
 
     fn add_metrics(&self, request: ExportMetricsServiceRequest) {
@@ -328,12 +442,45 @@ fn render(value: Option<&AnyValue>) -> String {
     render_value(value.and_then(|v| v.value.as_ref()))
 }
 
-/// [`render`], moving a string value instead of copying it.
-fn render_owned(value: Option<AnyValue>) -> String {
-    match value.and_then(|v| v.value) {
-        Some(any_value::Value::StringValue(s)) => s,
-        other => render_value(other.as_ref()),
+type SpanIds = (
+    [u8; 16],
+    [u8; 8],
+    Option<[u8; 8]>,
+    Box<[([u8; 16], [u8; 8])]>,
+);
+
+/// A span's ids, checked: trace id, span id, parent (none for a root) and links.
+fn span_ids(span: &opentelemetry_proto::tonic::trace::v1::Span) -> Result<SpanIds, BadIds> {
+    let trace_id = <[u8; 16]>::try_from(span.trace_id.as_slice())
+        .map_err(|_| BadIds::Trace(span.trace_id.len()))?;
+    let span_id = <[u8; 8]>::try_from(span.span_id.as_slice())
+        .map_err(|_| BadIds::Span(span.span_id.len()))?;
+    let parent = match span.parent_span_id.len() {
+        0 => None,
+        _ => Some(
+            <[u8; 8]>::try_from(span.parent_span_id.as_slice())
+                .map_err(|_| BadIds::Parent(span.parent_span_id.len()))?,
+        ),
+    };
+    let links = span
+        .links
+        .iter()
+        .map(|l| {
+            Ok((
+                <[u8; 16]>::try_from(l.trace_id.as_slice()).map_err(|_| BadIds::Link)?,
+                <[u8; 8]>::try_from(l.span_id.as_slice()).map_err(|_| BadIds::Link)?,
+            ))
+        })
+        .collect::<Result<_, BadIds>>()?;
+    Ok((trace_id, span_id, parent, links))
+}
+
+/// A trace id from its 32 hex digits.
+fn parse_trace_id(hex: &str) -> Option<[u8; 16]> {
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
     }
+    u128::from_str_radix(hex, 16).ok().map(u128::to_be_bytes)
 }
 
 fn render_value(value: Option<&any_value::Value>) -> String {
@@ -364,9 +511,14 @@ impl TraceService for Traces {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.0.add_spans(request.into_inner());
+        // OTLP's partial success: well-formed spans are kept, malformed ones are counted and
+        // named back to the exporter (which logs it) instead of failing the whole batch.
+        let (rejected, reason) = self.0.add_spans(request.get_ref());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
+            partial_success: reason.map(|why| ExportTracePartialSuccess {
+                rejected_spans: rejected,
+                error_message: format!("{rejected} span(s) rejected: {why}"),
+            }),
         }))
     }
 }
@@ -459,6 +611,154 @@ impl Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span};
+
+    fn kv(key: &str, value: any_value::Value) -> KeyValue {
+        KeyValue {
+            key: key.to_owned(),
+            value: Some(AnyValue { value: Some(value) }),
+            ..Default::default()
+        }
+    }
+
+    fn span(trace: &[u8], id: &[u8], parent: &[u8], path: &str) -> Span {
+        Span {
+            trace_id: trace.to_vec(),
+            span_id: id.to_vec(),
+            parent_span_id: parent.to_vec(),
+            name: "GET /v1/users/{id}/timeline".to_owned(),
+            kind: 2,
+            start_time_unix_nano: 1_000,
+            end_time_unix_nano: 3_500_000,
+            attributes: vec![
+                kv("url.path", any_value::Value::StringValue(path.to_owned())),
+                kv("http.response.status_code", any_value::Value::IntValue(200)),
+                kv("edge", any_value::Value::BoolValue(true)),
+            ],
+            links: vec![span::Link {
+                trace_id: vec![7; 16],
+                span_id: vec![8; 8],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn request(spans: Vec<Span>) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![kv(
+                        "service.name",
+                        any_value::Value::StringValue("feed".to_owned()),
+                    )],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn spans_round_trip_through_the_compact_store() {
+        let received = Received::default();
+        let trace = [0xab; 16];
+        let got = received.add_spans(&request(vec![
+            span(&trace, &[1; 8], &[], "/v1/users/1/timeline"),
+            span(&trace, &[2; 8], &[1; 8], "/v1/users/2/timeline"),
+        ]));
+        assert_eq!(got, (0, None));
+        let spans = received.spans();
+        assert_eq!(spans.len(), 2);
+        let root = &spans[0];
+        assert_eq!(root.service, "feed");
+        assert_eq!(root.trace_id, "ab".repeat(16));
+        assert_eq!(root.span_id, "01".repeat(8));
+        assert_eq!(root.parent_span_id, "");
+        assert_eq!(spans[1].parent_span_id, "01".repeat(8));
+        assert_eq!(root.name, "GET /v1/users/{id}/timeline");
+        assert_eq!(root.kind, 2);
+        assert!((root.duration_ms() - 3.499).abs() < 1e-9);
+        assert_eq!(root.attribute("url.path"), Some("/v1/users/1/timeline"));
+        assert_eq!(spans[1].attribute("url.path"), Some("/v1/users/2/timeline"));
+        assert_eq!(root.attribute("http.response.status_code"), Some("200"));
+        assert_eq!(root.attribute("edge"), Some("true"));
+        assert_eq!(root.links, vec![("07".repeat(16), "08".repeat(8))]);
+        assert_eq!(received.trace(&"ab".repeat(16)).len(), 2);
+        assert_eq!(
+            received.trace(&"AB".repeat(16)).len(),
+            2,
+            "hex is case-blind"
+        );
+        assert!(received.trace(&"cd".repeat(16)).is_empty());
+        for junk in ["", "ab", "zz".repeat(16).as_str(), "+".repeat(32).as_str()] {
+            assert!(received.trace(junk).is_empty(), "{junk:?}");
+        }
+        // Repeated strings are stored once.
+        let store = received.lock();
+        assert!(Arc::ptr_eq(&store.spans[0].name, &store.spans[1].name));
+        assert!(Arc::ptr_eq(
+            &store.spans[0].service,
+            &store.spans[1].service
+        ));
+        assert!(Arc::ptr_eq(
+            &store.spans[0].attributes[1].1,
+            &store.spans[1].attributes[1].1
+        ));
+    }
+
+    #[test]
+    fn malformed_ids_are_rejected_alone_and_reported() {
+        let received = Received::default();
+        let good = span(&[1; 16], &[1; 8], &[], "/ok");
+        let mut bad_link = span(&[1; 16], &[5; 8], &[], "/bad");
+        bad_link.links[0].span_id = vec![1, 2];
+        let got = received.add_spans(&request(vec![
+            span(&[1; 15], &[2; 8], &[], "/bad"),
+            good,
+            span(&[1; 16], &[3; 9], &[], "/bad"),
+            span(&[1; 16], &[4; 8], &[1; 4], "/bad"),
+            bad_link,
+        ]));
+        assert_eq!(got, (4, Some(BadIds::Trace(15))));
+        assert_eq!(
+            BadIds::Trace(15).to_string(),
+            "trace_id has 15 bytes, not 16"
+        );
+        assert_eq!(BadIds::Span(9).to_string(), "span_id has 9 bytes, not 8");
+        assert_eq!(
+            BadIds::Parent(4).to_string(),
+            "parent_span_id has 4 bytes, not 0 or 8"
+        );
+        let spans = received.spans();
+        assert_eq!(spans.len(), 1, "only the well-formed span is kept");
+        assert_eq!(spans[0].attribute("url.path"), Some("/ok"));
+        assert_eq!(received.dropped_spans(), 0);
+    }
+
+    #[test]
+    fn the_interner_is_bounded() {
+        let mut strings = Interner::default();
+        for i in 0..MAX_INTERNED + 10 {
+            strings.get(&i.to_string());
+        }
+        assert_eq!(strings.0.len(), MAX_INTERNED);
+        let a = strings.get("beyond the bound");
+        let b = strings.get("beyond the bound");
+        assert_eq!(a, b);
+        assert!(!Arc::ptr_eq(&a, &b), "not shared once full");
+        let c = strings.get("0");
+        assert!(
+            Arc::ptr_eq(&c, &strings.get("0")),
+            "earlier strings stay shared"
+        );
+    }
 
     #[test]
     fn ids_render_as_lower_case_hex() {
