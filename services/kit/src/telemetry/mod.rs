@@ -21,6 +21,7 @@
 //! by it into one OTLP resource per service.
 
 mod client_span;
+mod otlp;
 mod pipeline;
 pub mod process;
 pub mod propagation;
@@ -119,6 +120,9 @@ pub enum TelemetryError {
     /// The OTLP exporter refused its configuration.
     #[error("OTLP exporter: {0}")]
     Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// The span exporter's configuration (endpoint, `OTEL_EXPORTER_OTLP_*`) is invalid.
+    #[error("OTLP span exporter: {0}")]
+    Config(String),
 }
 
 fn log_filter() -> EnvFilter {

@@ -16,7 +16,8 @@ use opentelemetry_sdk::trace::{
     ShouldSample, Span, SpanData, SpanExporter, SpanProcessor,
 };
 
-use super::{EndpointFrom as _, OtelArgs, TelemetryError};
+use super::otlp::TraceExporter;
+use super::{OtelArgs, TelemetryError};
 
 /// Span attribute naming the service during export; removed before spans leave the process.
 const SERVICE_KEY: &str = "loadlab.service";
@@ -68,10 +69,10 @@ pub(super) fn active_tracer() -> Option<&'static SdkTracer> {
 /// Exporters per service, in registration order (the first is the default for spans started
 /// outside any service's task).
 #[derive(Debug, Default)]
-struct Services(RwLock<Vec<(&'static str, Arc<opentelemetry_otlp::SpanExporter>)>>);
+struct Services(RwLock<Vec<(&'static str, Arc<TraceExporter>)>>);
 
 impl Services {
-    fn lookup(&self, service: Option<&str>) -> Option<Arc<opentelemetry_otlp::SpanExporter>> {
+    fn lookup(&self, service: Option<&str>) -> Option<Arc<TraceExporter>> {
         let all = self
             .0
             .read()
@@ -193,11 +194,7 @@ pub(super) fn register(
         );
         return Ok(false);
     };
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint_from(endpoint)
-        .build()?;
-    opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, resource);
+    let exporter = TraceExporter::new(endpoint, super::EXPORT_TIMEOUT, resource)?;
     let mut all = pipeline
         .services
         .0
@@ -290,7 +287,7 @@ impl SpanExporter for RoutingExporter {
             else {
                 continue;
             };
-            if let Err(e) = exporter.export(spans).await {
+            if let Err(e) = exporter.export(&spans).await {
                 result = Err(e);
             }
         }

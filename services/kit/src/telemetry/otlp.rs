@@ -1,0 +1,622 @@
+//! The span exporter: OTLP/gRPC `TraceService/Export`, encoding the SDK's spans straight into
+//! the request's protobuf bytes.
+//!
+//! opentelemetry-otlp's exporter deep-clones every batch (to be able to retry it), converts each
+//! span into opentelemetry-proto's owned message types (an allocation per id, name, key and
+//! value) and then encodes those. At full sampling that was a third of what tracing cost the
+//! services. Here a batch is written once, by reference, into one buffer; the wire format is
+//! the same `ExportTraceServiceRequest` (a test decodes it with opentelemetry-proto and compares
+//! it with that crate's own conversion). A failed export is dropped, not retried: spans are
+//! best-effort, and the next batch is already queued behind it.
+//!
+//! Honours `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`, `…_HEADERS` and `…_TIMEOUT`; compression
+//! (`…_COMPRESSION`) other than `none` is refused at start-up, as it is not built in.
+
+use std::borrow::Cow;
+use std::time::{Duration, SystemTime};
+
+use bytes::{BufMut, Bytes};
+use opentelemetry::trace::{SpanId, Status};
+use opentelemetry::{Array, InstrumentationScope, KeyValue, StringValue, Value};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::trace::SpanData;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::transport::Channel;
+
+use super::TelemetryError;
+
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// One service's span exporter (its resource is encoded once, up front).
+#[derive(Debug)]
+pub(super) struct TraceExporter {
+    grpc: tonic::client::Grpc<Channel>,
+    headers: MetadataMap,
+    timeout: Duration,
+    runtime: tokio::runtime::Handle,
+    /// `Resource` message body, and the resource's schema URL.
+    resource: Vec<u8>,
+    schema_url: String,
+}
+
+/// The first of `names` that is set in the environment.
+fn env_first(names: &[&str]) -> Option<String> {
+    names.iter().find_map(|n| std::env::var(n).ok())
+}
+
+impl TraceExporter {
+    /// An exporter to `endpoint` (unless `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` names another)
+    /// with `resource`. Must be called inside a Tokio runtime: exports run on it.
+    pub(super) fn new(
+        endpoint: &str,
+        default_timeout: Duration,
+        resource: &Resource,
+    ) -> Result<TraceExporter, TelemetryError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| TelemetryError::Config("span export needs a Tokio runtime".into()))?;
+        let endpoint = std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .unwrap_or_else(|_| endpoint.to_owned());
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| TelemetryError::Config(format!("OTLP endpoint {endpoint:?}: {e}")))?
+            .connect_timeout(default_timeout)
+            .connect_lazy();
+        let timeout = match env_first(&[
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ]) {
+            Some(ms) => Duration::from_millis(ms.trim().parse().map_err(|_| {
+                TelemetryError::Config(format!(
+                    "OTEL_EXPORTER_OTLP_TIMEOUT must be milliseconds, got {ms:?}"
+                ))
+            })?),
+            None => default_timeout,
+        };
+        if let Some(c) = env_first(&[
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ]) && !c.trim().eq_ignore_ascii_case("none")
+        {
+            return Err(TelemetryError::Config(format!(
+                "OTLP compression {c:?} is not supported (use none)"
+            )));
+        }
+        let headers = match env_first(&[
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            "OTEL_EXPORTER_OTLP_HEADERS",
+        ]) {
+            Some(list) => parse_headers(&list)?,
+            None => MetadataMap::new(),
+        };
+        let mut encoded = Vec::new();
+        for (key, value) in resource.iter() {
+            put_key_value(&mut encoded, 1, key.as_str(), value);
+        }
+        Ok(TraceExporter {
+            grpc: tonic::client::Grpc::new(channel),
+            headers,
+            timeout,
+            runtime,
+            resource: encoded,
+            schema_url: resource.schema_url().unwrap_or_default().to_owned(),
+        })
+    }
+
+    /// Sends `spans` in one request.
+    pub(super) async fn export(&self, spans: &[SpanData]) -> OTelSdkResult {
+        if spans.is_empty() {
+            return Ok(());
+        }
+        let body = encode_request(&self.resource, &self.schema_url, spans);
+        let mut request = tonic::Request::new(Encoded(body));
+        *request.metadata_mut() = self.headers.clone();
+        request.set_timeout(self.timeout);
+        let mut grpc = self.grpc.clone();
+        let timeout = self.timeout;
+        // The batch processor polls this from its own thread, outside the runtime: the call
+        // (and its deadline) run on the runtime.
+        let call = self.runtime.spawn(async move {
+            tokio::time::timeout(timeout, async move {
+                grpc.ready().await.map_err(|e| {
+                    tonic::Status::unavailable(format!("OTLP collector not ready: {e}"))
+                })?;
+                grpc.unary(
+                    request,
+                    http::uri::PathAndQuery::from_static(EXPORT_PATH),
+                    tonic_prost::ProstCodec::<Encoded, ExportTraceServiceResponse>::default(),
+                )
+                .await
+            })
+            .await
+        });
+        match call.await {
+            Ok(Ok(Ok(response))) => {
+                if let Some(partial) = response.into_inner().partial_success
+                    && (partial.rejected_spans > 0 || !partial.error_message.is_empty())
+                {
+                    tracing::debug!(
+                        rejected = partial.rejected_spans,
+                        message = partial.error_message,
+                        "the OTLP collector rejected spans"
+                    );
+                }
+                Ok(())
+            }
+            Ok(Ok(Err(status))) => Err(OTelSdkError::InternalFailure(format!(
+                "span export: gRPC status {:?}",
+                status.code()
+            ))),
+            Ok(Err(_)) => Err(OTelSdkError::Timeout(timeout)),
+            Err(e) => Err(OTelSdkError::InternalFailure(format!(
+                "span export task: {e}"
+            ))),
+        }
+    }
+}
+
+/// `key1=value1,key2=value2`, values percent-encoded (the OTLP exporter specification).
+fn parse_headers(list: &str) -> Result<MetadataMap, TelemetryError> {
+    let mut map = MetadataMap::new();
+    for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad =
+            || TelemetryError::Config(format!("OTEL_EXPORTER_OTLP_HEADERS: bad entry {pair:?}"));
+        let (key, value) = pair.split_once('=').ok_or_else(bad)?;
+        let value = percent_encoding::percent_decode_str(value.trim())
+            .decode_utf8()
+            .map_err(|_| bad())?;
+        let key = MetadataKey::from_bytes(key.trim().to_ascii_lowercase().as_bytes())
+            .map_err(|_| bad())?;
+        let value = MetadataValue::try_from(value.as_ref()).map_err(|_| bad())?;
+        map.insert(key, value);
+    }
+    Ok(map)
+}
+
+/// An already-encoded message, sent as is.
+#[derive(Debug, Default, Clone)]
+struct Encoded(Bytes);
+
+impl prost::Message for Encoded {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        // Never decoded (it only travels out); skip whatever arrives.
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0 = Bytes::new();
+    }
+}
+
+// --- Protobuf writing. Field numbers are those of opentelemetry/proto/{trace,common,resource}/v1.
+// Like prost, scalar fields at their default value are left out; message fields that are set
+// (and oneof members) are always written.
+
+fn put_len_prefix(buf: &mut Vec<u8>, tag: u32, len: usize) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(len as u64, buf);
+}
+
+fn put_bytes(buf: &mut Vec<u8>, tag: u32, bytes: &[u8]) {
+    if !bytes.is_empty() {
+        put_len_prefix(buf, tag, bytes.len());
+        buf.extend_from_slice(bytes);
+    }
+}
+
+fn put_varint(buf: &mut Vec<u8>, tag: u32, value: u64) {
+    if value != 0 {
+        encode_key(tag, WireType::Varint, buf);
+        encode_varint(value, buf);
+    }
+}
+
+fn put_fixed64(buf: &mut Vec<u8>, tag: u32, value: u64) {
+    if value != 0 {
+        encode_key(tag, WireType::SixtyFourBit, buf);
+        buf.extend_from_slice(&value.to_le_bytes());
+    }
+}
+
+fn put_fixed32(buf: &mut Vec<u8>, tag: u32, value: u32) {
+    if value != 0 {
+        encode_key(tag, WireType::ThirtyTwoBit, buf);
+        buf.extend_from_slice(&value.to_le_bytes());
+    }
+}
+
+/// Writes a message field whose body `f` writes (through a scratch buffer: the length comes
+/// first on the wire). For the few, large messages; attributes compute their length instead.
+fn put_message(buf: &mut Vec<u8>, tag: u32, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut body = Vec::new();
+    f(&mut body);
+    put_len_prefix(buf, tag, body.len());
+    buf.extend_from_slice(&body);
+}
+
+/// A scalar attribute value.
+enum Scalar<'a> {
+    Bool(bool),
+    I64(i64),
+    F64(f64),
+    Str(Cow<'a, str>),
+}
+
+impl Scalar<'_> {
+    /// Length of the `AnyValue` body.
+    fn len(&self) -> usize {
+        match self {
+            Scalar::Bool(_) => 2,
+            Scalar::I64(i) => 1 + encoded_len_varint(*i as u64),
+            Scalar::F64(_) => 9,
+            Scalar::Str(s) => 1 + encoded_len_varint(s.len() as u64) + s.len(),
+        }
+    }
+
+    /// Writes the `AnyValue` body (a oneof member: written even at its default).
+    fn put(&self, buf: &mut Vec<u8>) {
+        match self {
+            Scalar::Bool(b) => {
+                encode_key(2, WireType::Varint, buf);
+                encode_varint(u64::from(*b), buf);
+            }
+            Scalar::I64(i) => {
+                encode_key(3, WireType::Varint, buf);
+                encode_varint(*i as u64, buf);
+            }
+            Scalar::F64(d) => {
+                encode_key(4, WireType::SixtyFourBit, buf);
+                buf.extend_from_slice(&d.to_bits().to_le_bytes());
+            }
+            Scalar::Str(s) => {
+                put_len_prefix(buf, 1, s.len());
+                buf.extend_from_slice(s.as_bytes());
+            }
+        }
+    }
+}
+
+fn str_scalar(s: &StringValue) -> Scalar<'_> {
+    Scalar::Str(Cow::Borrowed(s.as_str()))
+}
+
+/// The elements of an array value (`None` for a scalar).
+fn array_items(value: &Value) -> Option<Vec<Scalar<'_>>> {
+    let Value::Array(array) = value else {
+        return None;
+    };
+    Some(match array {
+        Array::Bool(v) => v.iter().map(|b| Scalar::Bool(*b)).collect(),
+        Array::I64(v) => v.iter().map(|i| Scalar::I64(*i)).collect(),
+        Array::F64(v) => v.iter().map(|d| Scalar::F64(*d)).collect(),
+        Array::String(v) => v.iter().map(str_scalar).collect(),
+        other => vec![Scalar::Str(Cow::Owned(other.to_string()))],
+    })
+}
+
+fn scalar(value: &Value) -> Scalar<'_> {
+    match value {
+        Value::Bool(b) => Scalar::Bool(*b),
+        Value::I64(i) => Scalar::I64(*i),
+        Value::F64(d) => Scalar::F64(*d),
+        Value::String(s) => str_scalar(s),
+        other => Scalar::Str(Cow::Owned(other.to_string())),
+    }
+}
+
+fn message_len(body: usize) -> usize {
+    1 + encoded_len_varint(body as u64) + body
+}
+
+/// Writes a `KeyValue` field `tag`.
+fn put_key_value(buf: &mut Vec<u8>, tag: u32, key: &str, value: &Value) {
+    let key_field = if key.is_empty() {
+        0
+    } else {
+        1 + encoded_len_varint(key.len() as u64) + key.len()
+    };
+    match array_items(value) {
+        None => {
+            let v = scalar(value);
+            put_len_prefix(buf, tag, key_field + message_len(v.len()));
+            put_bytes(buf, 1, key.as_bytes());
+            put_len_prefix(buf, 2, v.len());
+            v.put(buf);
+        }
+        Some(items) => {
+            // AnyValue { array_value (5): ArrayValue { values (1): AnyValue… } }
+            let array_body: usize = items.iter().map(|i| message_len(i.len())).sum();
+            let any_body = message_len(array_body);
+            put_len_prefix(buf, tag, key_field + message_len(any_body));
+            put_bytes(buf, 1, key.as_bytes());
+            put_len_prefix(buf, 2, any_body);
+            put_len_prefix(buf, 5, array_body);
+            for item in &items {
+                put_len_prefix(buf, 1, item.len());
+                item.put(buf);
+            }
+        }
+    }
+}
+
+fn put_attributes(buf: &mut Vec<u8>, tag: u32, attributes: &[KeyValue]) {
+    for kv in attributes {
+        put_key_value(buf, tag, kv.key.as_str(), &kv.value);
+    }
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// `SpanFlags`: the W3C trace flags, plus "has is-remote" (0x100) and "is remote" (0x200).
+fn span_flags(remote: bool, trace_flags: u8) -> u32 {
+    u32::from(trace_flags) | 0x100 | if remote { 0x200 } else { 0 }
+}
+
+fn put_span(buf: &mut Vec<u8>, span: &SpanData) {
+    put_message(buf, 2, |b| {
+        let cx = &span.span_context;
+        put_bytes(b, 1, &cx.trace_id().to_bytes());
+        put_bytes(b, 2, &cx.span_id().to_bytes());
+        put_bytes(b, 3, cx.trace_state().header().as_bytes());
+        if span.parent_span_id != SpanId::INVALID {
+            put_bytes(b, 4, &span.parent_span_id.to_bytes());
+        }
+        put_bytes(b, 5, span.name.as_bytes());
+        let kind = match span.span_kind {
+            opentelemetry::trace::SpanKind::Internal => 1,
+            opentelemetry::trace::SpanKind::Server => 2,
+            opentelemetry::trace::SpanKind::Client => 3,
+            opentelemetry::trace::SpanKind::Producer => 4,
+            opentelemetry::trace::SpanKind::Consumer => 5,
+        };
+        put_varint(b, 6, kind);
+        put_fixed64(b, 7, nanos(span.start_time));
+        put_fixed64(b, 8, nanos(span.end_time));
+        put_attributes(b, 9, &span.attributes);
+        put_varint(b, 10, u64::from(span.dropped_attributes_count));
+        for event in &span.events.events {
+            put_message(b, 11, |e| {
+                put_fixed64(e, 1, nanos(event.timestamp));
+                put_bytes(e, 2, event.name.as_bytes());
+                put_attributes(e, 3, &event.attributes);
+                put_varint(e, 4, u64::from(event.dropped_attributes_count));
+            });
+        }
+        put_varint(b, 12, u64::from(span.events.dropped_count));
+        for link in &span.links.links {
+            put_message(b, 13, |l| {
+                let cx = &link.span_context;
+                put_bytes(l, 1, &cx.trace_id().to_bytes());
+                put_bytes(l, 2, &cx.span_id().to_bytes());
+                put_bytes(l, 3, cx.trace_state().header().as_bytes());
+                put_attributes(l, 4, &link.attributes);
+                put_varint(l, 5, u64::from(link.dropped_attributes_count));
+                put_fixed32(l, 6, span_flags(cx.is_remote(), cx.trace_flags().to_u8()));
+            });
+        }
+        put_varint(b, 14, u64::from(span.links.dropped_count));
+        put_message(b, 15, |s| match &span.status {
+            Status::Unset => {}
+            Status::Ok => put_varint(s, 3, 1),
+            Status::Error { description } => {
+                put_bytes(s, 2, description.as_bytes());
+                put_varint(s, 3, 2);
+            }
+        });
+        put_fixed32(
+            b,
+            16,
+            span_flags(span.parent_span_is_remote, cx.trace_flags().to_u8()),
+        );
+    });
+}
+
+fn put_scope(buf: &mut Vec<u8>, scope: &InstrumentationScope) {
+    put_message(buf, 1, |s| {
+        put_bytes(s, 1, scope.name().as_bytes());
+        put_bytes(s, 2, scope.version().unwrap_or_default().as_bytes());
+        for kv in scope.attributes() {
+            put_key_value(s, 3, kv.key.as_str(), &kv.value);
+        }
+    });
+}
+
+/// An `ExportTraceServiceRequest` of one resource (its encoded body and schema URL) and
+/// `spans`, grouped by instrumentation scope in order of first appearance.
+fn encode_request(resource: &[u8], schema_url: &str, spans: &[SpanData]) -> Bytes {
+    let mut scopes: Vec<&InstrumentationScope> = Vec::new();
+    for span in spans {
+        if !scopes.contains(&&span.instrumentation_scope) {
+            scopes.push(&span.instrumentation_scope);
+        }
+    }
+    let mut out = Vec::with_capacity(64 + spans.len() * 256);
+    put_message(&mut out, 1, |rs| {
+        put_len_prefix(rs, 1, resource.len());
+        rs.extend_from_slice(resource);
+        for scope in scopes {
+            put_message(rs, 2, |ss| {
+                put_scope(ss, scope);
+                for span in spans.iter().filter(|s| s.instrumentation_scope == *scope) {
+                    put_span(ss, span);
+                }
+                put_bytes(ss, 3, scope.schema_url().unwrap_or_default().as_bytes());
+            });
+        }
+        put_bytes(rs, 3, schema_url.as_bytes());
+    });
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{Link, SpanContext, SpanKind, TraceFlags, TraceId, TraceState};
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
+    use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
+    use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+    use prost::Message as _;
+
+    fn context(trace: u128, span: u64, remote: bool) -> SpanContext {
+        SpanContext::new(
+            TraceId::from(trace),
+            SpanId::from(span),
+            TraceFlags::SAMPLED,
+            remote,
+            TraceState::from_key_value([("vendor", "v1")]).expect("trace state"),
+        )
+    }
+
+    fn span(n: u64, scope: &InstrumentationScope) -> SpanData {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(1_796_000_000_000_000_000 + n);
+        let mut events = SpanEvents::default();
+        let mut links = SpanLinks::default();
+        if n.is_multiple_of(2) {
+            events.events.push(opentelemetry::trace::Event::new(
+                "retry",
+                at,
+                vec![KeyValue::new("attempt", 2)],
+                1,
+            ));
+            events.dropped_count = 3;
+            links.links.push(Link::new(
+                context(7, 8, true),
+                vec![KeyValue::new("messaging.operation", "process")],
+                0,
+            ));
+            links.dropped_count = 1;
+        }
+        SpanData {
+            span_context: context(0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c, 100 + n, false),
+            parent_span_id: if n == 0 {
+                SpanId::INVALID
+            } else {
+                SpanId::from(99)
+            },
+            parent_span_is_remote: n == 1,
+            span_kind: [
+                SpanKind::Server,
+                SpanKind::Client,
+                SpanKind::Internal,
+                SpanKind::Producer,
+                SpanKind::Consumer,
+            ][n as usize % 5]
+                .clone(),
+            name: if n.is_multiple_of(2) {
+                Cow::Borrowed("GET /v1/users/{id}/timeline")
+            } else {
+                Cow::Owned(format!("EVALSHA {n}"))
+            },
+            start_time: at,
+            end_time: at + Duration::from_micros(1_500),
+            attributes: vec![
+                KeyValue::new("http.route", "/v1/users/{id}/timeline"),
+                KeyValue::new("http.response.status_code", 200 - n as i64 * 300),
+                KeyValue::new("sampled", n.is_multiple_of(2)),
+                KeyValue::new("ratio", 0.25),
+                KeyValue::new("empty", ""),
+                KeyValue::new("ids", Value::Array(Array::I64(vec![1, -2, 3]))),
+                KeyValue::new("flags", Value::Array(Array::Bool(vec![true, false]))),
+                KeyValue::new("weights", Value::Array(Array::F64(vec![0.5]))),
+                KeyValue::new(
+                    "names",
+                    Value::Array(Array::String(vec!["a".into(), "".into(), "ü".into()])),
+                ),
+            ],
+            dropped_attributes_count: n as u32 % 2,
+            events,
+            links,
+            status: match n % 3 {
+                0 => Status::Unset,
+                1 => Status::Ok,
+                _ => Status::error("gRPC status 14"),
+            },
+            instrumentation_scope: scope.clone(),
+        }
+    }
+
+    /// What opentelemetry-proto's own conversion would send for the same spans.
+    fn reference(resource: &Resource, spans: &[SpanData]) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: group_spans_by_resource_and_scope(
+                spans.to_vec(),
+                &ResourceAttributesWithSchema::from(resource),
+            ),
+        }
+    }
+
+    fn ours(resource: &Resource, spans: &[SpanData]) -> ExportTraceServiceRequest {
+        let mut encoded = Vec::new();
+        for (key, value) in resource.iter() {
+            put_key_value(&mut encoded, 1, key.as_str(), value);
+        }
+        let bytes = encode_request(&encoded, resource.schema_url().unwrap_or_default(), spans);
+        ExportTraceServiceRequest::decode(bytes).expect("our encoding decodes")
+    }
+
+    #[test]
+    fn the_wire_format_matches_opentelemetry_proto() {
+        let resource = Resource::builder_empty()
+            .with_service_name("timeline")
+            .with_attributes([
+                KeyValue::new("service.instance.id", "host:1:timeline"),
+                KeyValue::new("k8s.pod.name", "timeline-0"),
+            ])
+            .build();
+        let loadlab = InstrumentationScope::builder("loadlab").build();
+        let tracing = InstrumentationScope::builder("tracing-opentelemetry")
+            .with_version("0.34")
+            .with_schema_url("https://opentelemetry.io/schemas/1.36.0")
+            .with_attributes([KeyValue::new("scope.attr", 1)])
+            .build();
+        // Interleaved scopes: grouped in order of first appearance, spans in order.
+        let spans: Vec<SpanData> = (0..7)
+            .map(|n| span(n, if n % 3 == 2 { &tracing } else { &loadlab }))
+            .collect();
+        assert_eq!(ours(&resource, &spans), reference(&resource, &spans));
+
+        let with_schema = Resource::builder_empty()
+            .with_schema_url([KeyValue::new("a", "b")], "https://s")
+            .build();
+        assert_eq!(
+            ours(&with_schema, &spans[..1]),
+            reference(&with_schema, &spans[..1])
+        );
+    }
+
+    #[test]
+    fn headers_follow_the_specification() {
+        let map = parse_headers("api-key=se%20cret, X-Tenant = blue ,,").expect("parses");
+        assert_eq!(
+            map.get("api-key").and_then(|v| v.to_str().ok()),
+            Some("se cret")
+        );
+        assert_eq!(
+            map.get("x-tenant").and_then(|v| v.to_str().ok()),
+            Some("blue")
+        );
+        for bad in ["novalue", "bad key=1", "k=%ff"] {
+            let err = parse_headers(bad).expect_err(bad).to_string();
+            assert!(err.contains(bad), "{err}");
+        }
+    }
+}
