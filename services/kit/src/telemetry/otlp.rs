@@ -603,6 +603,56 @@ mod tests {
         );
     }
 
+    /// CPU cost of preparing one 512-span batch: opentelemetry-otlp's path (clone the batch,
+    /// convert to opentelemetry-proto messages, prost-encode) against this module's encoder.
+    /// A measurement, not a check: `cargo test --release -p loadlab-kit --lib encode_cost --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement; run on demand"]
+    fn encode_cost() {
+        let resource = Resource::builder_empty()
+            .with_service_name("timeline")
+            .with_attributes([KeyValue::new("service.instance.id", "host:1:timeline")])
+            .build();
+        let scope = InstrumentationScope::builder("loadlab").build();
+        // Spans like the read path's: a server span and Redis client spans.
+        let batch: Vec<SpanData> = (0..512u64)
+            .map(|n| {
+                let mut s = span(n, &scope);
+                s.events = SpanEvents::default();
+                s.links = SpanLinks::default();
+                s.attributes.truncate(3);
+                s
+            })
+            .collect();
+        let attrs = ResourceAttributesWithSchema::from(&resource);
+        let mut encoded_resource = Vec::new();
+        for (key, value) in resource.iter() {
+            put_key_value(&mut encoded_resource, 1, key.as_str(), value);
+        }
+        let rounds = 200;
+        let started = std::time::Instant::now();
+        let mut bytes = 0;
+        for _ in 0..rounds {
+            let request = ExportTraceServiceRequest {
+                resource_spans: group_spans_by_resource_and_scope(batch.clone(), &attrs),
+            };
+            bytes += request.encode_to_vec().len();
+        }
+        let theirs = started.elapsed() / rounds;
+        let started = std::time::Instant::now();
+        let mut ours_bytes = 0;
+        for _ in 0..rounds {
+            ours_bytes += encode_request(&encoded_resource, "", &batch).len();
+        }
+        let ours = started.elapsed() / rounds;
+        assert_eq!(bytes, ours_bytes, "same wire size");
+        println!(
+            "512 spans: clone + convert + encode {theirs:?}, direct encode {ours:?} ({:.1}x)",
+            theirs.as_secs_f64() / ours.as_secs_f64()
+        );
+    }
+
     #[test]
     fn headers_follow_the_specification() {
         let map = parse_headers("api-key=se%20cret, X-Tenant = blue ,,").expect("parses");
