@@ -11,9 +11,8 @@
 # Knobs (environment): DURATION (15s), CONNECTIONS (64), THREADS (2), READERS (500),
 # RATIOS ("0 0.01 0.1 1.0"), ROUNDS (1; the median of the rounds is reported), SKIP_BUILD=1,
 # PERF=1 (record `perf` profiles of timeline, feed and the receiver in each run into
-# benches/out/perf-*.data,
-# with extra `perf record` flags from PERF_FLAGS, e.g. "--call-graph dwarf";
-# needs Debian's linux-perf).
+# benches/out/perf-*.data, with extra `perf record` flags from PERF_FLAGS, e.g.
+# "--call-graph dwarf"; needs Debian's linux-perf).
 # Output also goes to benches/out/tracing-<time>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -90,16 +90,12 @@ impl TraceExporter {
             Some(list) => parse_headers(&list)?,
             None => MetadataMap::new(),
         };
-        let mut encoded = Vec::new();
-        for (key, value) in resource.iter() {
-            put_key_value(&mut encoded, 1, key.as_str(), value);
-        }
         Ok(TraceExporter {
             grpc: tonic::client::Grpc::new(channel),
             headers,
             timeout,
             runtime,
-            resource: encoded,
+            resource: encode_resource(resource),
             schema_url: resource.schema_url().unwrap_or_default().to_owned(),
         })
     }
@@ -370,63 +366,72 @@ fn span_flags(remote: bool, trace_flags: u8) -> u32 {
     u32::from(trace_flags) | 0x100 | if remote { 0x200 } else { 0 }
 }
 
-fn put_span(buf: &mut Vec<u8>, span: &SpanData) {
-    put_message(buf, 2, |b| {
-        let cx = &span.span_context;
-        put_bytes(b, 1, &cx.trace_id().to_bytes());
-        put_bytes(b, 2, &cx.span_id().to_bytes());
-        put_bytes(b, 3, cx.trace_state().header().as_bytes());
-        if span.parent_span_id != SpanId::INVALID {
-            put_bytes(b, 4, &span.parent_span_id.to_bytes());
-        }
-        put_bytes(b, 5, span.name.as_bytes());
-        let kind = match span.span_kind {
-            opentelemetry::trace::SpanKind::Internal => 1,
-            opentelemetry::trace::SpanKind::Server => 2,
-            opentelemetry::trace::SpanKind::Client => 3,
-            opentelemetry::trace::SpanKind::Producer => 4,
-            opentelemetry::trace::SpanKind::Consumer => 5,
-        };
-        put_varint(b, 6, kind);
-        put_fixed64(b, 7, nanos(span.start_time));
-        put_fixed64(b, 8, nanos(span.end_time));
-        put_attributes(b, 9, &span.attributes);
-        put_varint(b, 10, u64::from(span.dropped_attributes_count));
-        for event in &span.events.events {
-            put_message(b, 11, |e| {
-                put_fixed64(e, 1, nanos(event.timestamp));
-                put_bytes(e, 2, event.name.as_bytes());
-                put_attributes(e, 3, &event.attributes);
-                put_varint(e, 4, u64::from(event.dropped_attributes_count));
-            });
-        }
-        put_varint(b, 12, u64::from(span.events.dropped_count));
-        for link in &span.links.links {
-            put_message(b, 13, |l| {
-                let cx = &link.span_context;
-                put_bytes(l, 1, &cx.trace_id().to_bytes());
-                put_bytes(l, 2, &cx.span_id().to_bytes());
-                put_bytes(l, 3, cx.trace_state().header().as_bytes());
-                put_attributes(l, 4, &link.attributes);
-                put_varint(l, 5, u64::from(link.dropped_attributes_count));
-                put_fixed32(l, 6, span_flags(cx.is_remote(), cx.trace_flags().to_u8()));
-            });
-        }
-        put_varint(b, 14, u64::from(span.links.dropped_count));
-        put_message(b, 15, |s| match &span.status {
-            Status::Unset => {}
-            Status::Ok => put_varint(s, 3, 1),
-            Status::Error { description } => {
-                put_bytes(s, 2, description.as_bytes());
-                put_varint(s, 3, 2);
-            }
+/// Writes `span` as a `spans` field (2) of `ScopeSpans`; `b` is a scratch buffer, reused from
+/// span to span, for the span's body.
+fn put_span(buf: &mut Vec<u8>, b: &mut Vec<u8>, span: &SpanData) {
+    b.clear();
+    let cx = &span.span_context;
+    put_bytes(b, 1, &cx.trace_id().to_bytes());
+    put_bytes(b, 2, &cx.span_id().to_bytes());
+    put_bytes(b, 3, cx.trace_state().header().as_bytes());
+    if span.parent_span_id != SpanId::INVALID {
+        put_bytes(b, 4, &span.parent_span_id.to_bytes());
+    }
+    put_bytes(b, 5, span.name.as_bytes());
+    let kind = match span.span_kind {
+        opentelemetry::trace::SpanKind::Internal => 1,
+        opentelemetry::trace::SpanKind::Server => 2,
+        opentelemetry::trace::SpanKind::Client => 3,
+        opentelemetry::trace::SpanKind::Producer => 4,
+        opentelemetry::trace::SpanKind::Consumer => 5,
+    };
+    put_varint(b, 6, kind);
+    put_fixed64(b, 7, nanos(span.start_time));
+    put_fixed64(b, 8, nanos(span.end_time));
+    put_attributes(b, 9, &span.attributes);
+    put_varint(b, 10, u64::from(span.dropped_attributes_count));
+    for event in &span.events.events {
+        put_message(b, 11, |e| {
+            put_fixed64(e, 1, nanos(event.timestamp));
+            put_bytes(e, 2, event.name.as_bytes());
+            put_attributes(e, 3, &event.attributes);
+            put_varint(e, 4, u64::from(event.dropped_attributes_count));
         });
-        put_fixed32(
-            b,
-            16,
-            span_flags(span.parent_span_is_remote, cx.trace_flags().to_u8()),
-        );
-    });
+    }
+    put_varint(b, 12, u64::from(span.events.dropped_count));
+    for link in &span.links.links {
+        put_message(b, 13, |l| {
+            let cx = &link.span_context;
+            put_bytes(l, 1, &cx.trace_id().to_bytes());
+            put_bytes(l, 2, &cx.span_id().to_bytes());
+            put_bytes(l, 3, cx.trace_state().header().as_bytes());
+            put_attributes(l, 4, &link.attributes);
+            put_varint(l, 5, u64::from(link.dropped_attributes_count));
+            put_fixed32(l, 6, span_flags(cx.is_remote(), cx.trace_flags().to_u8()));
+        });
+    }
+    put_varint(b, 14, u64::from(span.links.dropped_count));
+    // Status { message (2), code (3) }: always present, even when empty.
+    let (message, code) = match &span.status {
+        Status::Unset => ("", 0),
+        Status::Ok => ("", 1),
+        Status::Error { description } => (description.as_ref(), 2),
+    };
+    let message_field = if message.is_empty() {
+        0
+    } else {
+        message_len(message.len())
+    };
+    put_len_prefix(b, 15, message_field + if code == 0 { 0 } else { 2 });
+    put_bytes(b, 2, message.as_bytes());
+    put_varint(b, 3, code);
+    put_fixed32(
+        b,
+        16,
+        span_flags(span.parent_span_is_remote, cx.trace_flags().to_u8()),
+    );
+    put_len_prefix(buf, 2, b.len());
+    buf.extend_from_slice(b);
 }
 
 fn put_scope(buf: &mut Vec<u8>, scope: &InstrumentationScope) {
@@ -439,6 +444,15 @@ fn put_scope(buf: &mut Vec<u8>, scope: &InstrumentationScope) {
     });
 }
 
+/// The body of a `Resource` message: its attributes.
+fn encode_resource(resource: &Resource) -> Vec<u8> {
+    let mut encoded = Vec::new();
+    for (key, value) in resource.iter() {
+        put_key_value(&mut encoded, 1, key.as_str(), value);
+    }
+    encoded
+}
+
 /// An `ExportTraceServiceRequest` of one resource (its encoded body and schema URL) and
 /// `spans`, grouped by instrumentation scope in order of first appearance.
 fn encode_request(resource: &[u8], schema_url: &str, spans: &[SpanData]) -> Bytes {
@@ -449,6 +463,7 @@ fn encode_request(resource: &[u8], schema_url: &str, spans: &[SpanData]) -> Byte
         }
     }
     let mut out = Vec::with_capacity(64 + spans.len() * 256);
+    let mut scratch = Vec::with_capacity(512);
     put_message(&mut out, 1, |rs| {
         put_len_prefix(rs, 1, resource.len());
         rs.extend_from_slice(resource);
@@ -456,7 +471,7 @@ fn encode_request(resource: &[u8], schema_url: &str, spans: &[SpanData]) -> Byte
             put_message(rs, 2, |ss| {
                 put_scope(ss, scope);
                 for span in spans.iter().filter(|s| s.instrumentation_scope == *scope) {
-                    put_span(ss, span);
+                    put_span(ss, &mut scratch, span);
                 }
                 put_bytes(ss, 3, scope.schema_url().unwrap_or_default().as_bytes());
             });
@@ -565,11 +580,11 @@ mod tests {
     }
 
     fn ours(resource: &Resource, spans: &[SpanData]) -> ExportTraceServiceRequest {
-        let mut encoded = Vec::new();
-        for (key, value) in resource.iter() {
-            put_key_value(&mut encoded, 1, key.as_str(), value);
-        }
-        let bytes = encode_request(&encoded, resource.schema_url().unwrap_or_default(), spans);
+        let bytes = encode_request(
+            &encode_resource(resource),
+            resource.schema_url().unwrap_or_default(),
+            spans,
+        );
         ExportTraceServiceRequest::decode(bytes).expect("our encoding decodes")
     }
 
@@ -626,10 +641,7 @@ mod tests {
             })
             .collect();
         let attrs = ResourceAttributesWithSchema::from(&resource);
-        let mut encoded_resource = Vec::new();
-        for (key, value) in resource.iter() {
-            put_key_value(&mut encoded_resource, 1, key.as_str(), value);
-        }
+        let encoded_resource = encode_resource(&resource);
         let rounds = 200;
         let started = std::time::Instant::now();
         let mut bytes = 0;
