@@ -196,8 +196,7 @@ async fn trace_request(
     // load generator's per-request choice), else this service's ratio for new traces. An
     // unsampled request runs without spans at all — the largest share of what tracing costs —
     // and passes its unsampled context on.
-    let parent = crate::telemetry::propagation::extract(request.headers());
-    let caller = TraceParent::of_context(&parent);
+    let caller = crate::telemetry::propagation::caller(request.headers());
     let sampled = match caller {
         Some(tp) => tp.sampled,
         None => ratio > 0.0 && rand::random::<f64>() < ratio,
@@ -214,6 +213,12 @@ async fn trace_request(
         )
         .await;
     }
+    // The full context (with `tracestate`) through the propagator, only for sampled requests.
+    let parent = if caller.is_some() {
+        crate::telemetry::propagation::extract(request.headers())
+    } else {
+        opentelemetry::Context::current()
+    };
     // A sampled request's server span is made with the OpenTelemetry SDK directly (see
     // `telemetry::server_span`): it is the parent of everything the request does, `tracing`
     // spans included (they take the active OpenTelemetry context as their parent).

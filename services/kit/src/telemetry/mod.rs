@@ -165,7 +165,10 @@ pub fn init(format: LogFormat, otel: &OtelArgs) {
             // `propagation::unsampled`): whatever they start is not for export either.
             let filter = tracing_subscriber::filter::FilterExt::and(
                 tracing_subscriber::filter::LevelFilter::INFO,
-                tracing_subscriber::filter::filter_fn(|_| !propagation::in_unsampled()),
+                // The hint keeps the global max level at INFO: without one, `And` has none
+                // either, and every `debug!`/`trace!` in hyper, h2 and tonic stays live.
+                tracing_subscriber::filter::filter_fn(|_| !propagation::in_unsampled())
+                    .with_max_level_hint(tracing_subscriber::filter::LevelFilter::INFO),
             );
             tracing_subscriber::Layer::with_filter(layer, filter)
         })

@@ -269,16 +269,31 @@ impl SpanExporter for RoutingExporter {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         // Batches are small (≤ 512) and a process runs a handful of services: a linear scan
         // beats hashing here.
-        let mut groups: Vec<(Option<StringValue>, Vec<SpanData>)> = Vec::new();
-        for mut span in batch {
-            let service = take_service(&mut span);
-            span.attributes
-                .retain(|kv| kv.key.as_str() != EDGE_SAMPLED_KEY);
-            match groups.iter_mut().find(|(s, _)| *s == service) {
-                Some((_, spans)) => spans.push(span),
-                None => groups.push((service, vec![span])),
-            }
-        }
+        let mut batch = batch;
+        let tags: Vec<Option<StringValue>> = batch
+            .iter_mut()
+            .map(|span| {
+                let service = take_service(span);
+                span.attributes
+                    .retain(|kv| kv.key.as_str() != EDGE_SAMPLED_KEY);
+                service
+            })
+            .collect();
+        // One service per process is the common case: its batch goes out as it came, without
+        // moving every span into a group.
+        let groups: Vec<(Option<StringValue>, Vec<SpanData>)> =
+            if tags.windows(2).all(|w| w[0] == w[1]) {
+                vec![(tags.into_iter().next().flatten(), batch)]
+            } else {
+                let mut groups: Vec<(Option<StringValue>, Vec<SpanData>)> = Vec::new();
+                for (service, span) in tags.into_iter().zip(batch) {
+                    match groups.iter_mut().find(|(s, _)| *s == service) {
+                        Some((_, spans)) => spans.push(span),
+                        None => groups.push((service, vec![span])),
+                    }
+                }
+                groups
+            };
         let mut result = Ok(());
         for (service, spans) in groups {
             let Some(exporter) = self

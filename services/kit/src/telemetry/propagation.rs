@@ -42,6 +42,20 @@ pub fn extract(headers: &http::HeaderMap) -> opentelemetry::Context {
     opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
 }
 
+/// The caller's `traceparent`, read straight from the header without a propagator or a
+/// [`opentelemetry::Context`] (cheap enough for every request, most of which are unsampled);
+/// `None` when absent or malformed, as the W3C propagator would treat it.
+pub fn caller(headers: &http::HeaderMap) -> Option<TraceParent> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let tp: TraceParent = value.parse().ok()?;
+    // The W3C format is lower-case hex only; the SDK's propagator rejects anything else.
+    value
+        .trim()
+        .bytes()
+        .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        .then_some(tp)
+}
+
 tokio::task_local! {
     /// The context of a request the edge decided not to sample: it runs without spans, and
     /// passes this on so that the next service follows the decision instead of drawing anew.
@@ -208,6 +222,51 @@ impl FromStr for TraceParent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_caller_is_read_from_traceparent_like_the_propagator_does() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(caller(&headers), None, "no header");
+        let value = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        headers.insert("traceparent", http::HeaderValue::from_static(value));
+        headers.insert("tracestate", http::HeaderValue::from_static("vendor=x"));
+        let tp = caller(&headers).expect("valid traceparent");
+        assert_eq!(tp.to_string(), value);
+        assert!(tp.sampled);
+        // The SDK's propagator agrees on what the caller is.
+        let propagator = opentelemetry_sdk::propagation::TraceContextPropagator::new();
+        let cx = opentelemetry::propagation::TextMapPropagator::extract(
+            &propagator,
+            &HeaderExtractor(&headers),
+        );
+        assert_eq!(TraceParent::of_context(&cx), Some(tp));
+        // W3C allows lower-case hex digits only; the SDK's parser lets a sign through
+        // (`from_str_radix` takes "+"), this one does not.
+        headers.insert(
+            "traceparent",
+            http::HeaderValue::from_static(
+                "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        );
+        assert_eq!(caller(&headers), None, "a sign is not a hex digit");
+        for junk in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "not a traceparent",
+        ] {
+            headers.insert("traceparent", http::HeaderValue::from_static(junk));
+            assert_eq!(caller(&headers), None, "{junk:?} accepted");
+            let cx = opentelemetry::propagation::TextMapPropagator::extract(
+                &propagator,
+                &HeaderExtractor(&headers),
+            );
+            assert_eq!(
+                TraceParent::of_context(&cx),
+                None,
+                "{junk:?}: the SDK accepts it"
+            );
+        }
+    }
 
     #[test]
     fn traceparent_round_trips_and_rejects_junk() {
