@@ -84,13 +84,14 @@ impl tower::Service<http::Request<tonic::body::Body>> for TracedChannel {
         let mut span = crate::telemetry::ClientSpan::start(|| {
             let full = uri.path().trim_start_matches('/');
             let (service, method) = full.split_once('/').unwrap_or((full, ""));
+            let names = |s: &str| crate::telemetry::names::value(s);
             (
-                full.to_owned().into(),
+                crate::telemetry::names::name(full),
                 vec![
                     KeyValue::new("rpc.system", "grpc"),
-                    KeyValue::new("rpc.service", service.to_owned()),
-                    KeyValue::new("rpc.method", method.to_owned()),
-                    KeyValue::new("server.address", uri.host().unwrap_or_default().to_owned()),
+                    KeyValue::new("rpc.service", names(service)),
+                    KeyValue::new("rpc.method", names(method)),
+                    KeyValue::new("server.address", names(uri.host().unwrap_or_default())),
                 ],
             )
         });

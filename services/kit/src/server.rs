@@ -225,22 +225,27 @@ async fn trace_request(
     let (name, mut attributes) = if grpc {
         let full = path.trim_start_matches('/');
         let (svc, method) = full.split_once('/').unwrap_or((full, ""));
+        // Method names and route templates are few: kept once (`telemetry::names`), not
+        // copied for every span.
         (
-            full.to_owned(),
+            crate::telemetry::names::name(full),
             vec![
                 KeyValue::new("rpc.system", "grpc"),
-                KeyValue::new("rpc.service", svc.to_owned()),
-                KeyValue::new("rpc.method", method.to_owned()),
+                KeyValue::new("rpc.service", crate::telemetry::names::value(svc)),
+                KeyValue::new("rpc.method", crate::telemetry::names::value(method)),
             ],
         )
     } else {
         let route = matched_route(&request);
         let method = request.method().as_str();
         (
-            format!("{method} {route}"),
+            crate::telemetry::names::name(&format!("{method} {route}")),
             vec![
-                KeyValue::new("http.request.method", method.to_owned()),
-                KeyValue::new("http.route", route.to_owned()),
+                KeyValue::new(
+                    "http.request.method",
+                    crate::telemetry::names::value(method),
+                ),
+                KeyValue::new("http.route", crate::telemetry::names::value(route)),
                 KeyValue::new("url.path", path.to_owned()),
             ],
         )

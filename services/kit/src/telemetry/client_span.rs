@@ -24,12 +24,20 @@ use opentelemetry::{Context, KeyValue};
 /// empty for a new trace), and returns the context that holds it: run the request with
 /// `FutureExt::with_context` on it, and end the span through it. Spans are exported from this
 /// process (the edge decides to sample only then); without a pipeline the context is `parent`.
-pub fn server_span(name: String, attributes: Vec<KeyValue>, parent: &Context) -> Context {
+pub fn server_span(
+    name: impl Into<Cow<'static, str>>,
+    attributes: Vec<KeyValue>,
+    parent: &Context,
+) -> Context {
     let Some(tracer) = super::pipeline::active_tracer() else {
         return parent.clone();
     };
+    let mut attributes = attributes;
+    // Room for the service tag (added at start) and the status attribute (set at the end),
+    // so neither grows the vector again.
+    attributes.reserve(2);
     let span = tracer
-        .span_builder(name)
+        .span_builder(name.into())
         .with_kind(SpanKind::Server)
         .with_attributes(attributes)
         .start_with_context(tracer, parent);
@@ -55,7 +63,9 @@ impl ClientSpan {
         if !parent.span().span_context().is_sampled() {
             return ClientSpan(None);
         }
-        let (name, attributes) = describe();
+        let (name, mut attributes) = describe();
+        // Room for the service tag the span processor adds at start.
+        attributes.reserve(1);
         let span = tracer
             .span_builder(name)
             .with_kind(SpanKind::Client)

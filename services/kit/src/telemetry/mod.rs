@@ -21,6 +21,7 @@
 //! by it into one OTLP resource per service.
 
 mod client_span;
+pub mod names;
 mod otlp;
 mod pipeline;
 pub mod process;
