@@ -92,7 +92,7 @@ reads() { # reads SLOT SECONDS OUT: wrk's home-timeline reads against the stack 
 pair() {
   local label=$1 round=$2; shift 2
   local slot_a=$(((round - 1) % 2)) slot_b=$((round % 2)) rcv=""
-  if [ $# -gt 0 ] && [[ " $* " == *" --otlp-endpoint "* ]]; then
+  if [[ " $* " == *" --otlp-endpoint "* ]]; then
     # A fresh receiver for each pairing: one that had filled up (it keeps at most 500 000
     # spans) would do less work per span and flatter the next pairings.
     LOADLAB_LOG=warn "$bin/loadlab" receive --listen "$receiver" > "$work/receiver.txt" &

@@ -26,13 +26,12 @@ use opentelemetry::{Context, KeyValue};
 /// process (the edge decides to sample only then); without a pipeline the context is `parent`.
 pub fn server_span(
     name: impl Into<Cow<'static, str>>,
-    attributes: Vec<KeyValue>,
+    mut attributes: Vec<KeyValue>,
     parent: &Context,
 ) -> Context {
     let Some(tracer) = super::pipeline::active_tracer() else {
         return parent.clone();
     };
-    let mut attributes = attributes;
     // Room for the service tag (added at start) and the status attribute (set at the end),
     // so neither grows the vector again.
     attributes.reserve(2);

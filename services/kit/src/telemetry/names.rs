@@ -38,10 +38,7 @@ pub fn name(s: &str) -> Cow<'static, str> {
 
 /// An attribute value from [`name`].
 pub fn value(s: &str) -> opentelemetry::Value {
-    match name(s) {
-        Cow::Borrowed(s) => opentelemetry::Value::from(s),
-        Cow::Owned(s) => opentelemetry::Value::from(s),
-    }
+    opentelemetry::Value::from(name(s))
 }
 
 #[cfg(test)]

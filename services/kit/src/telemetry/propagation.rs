@@ -46,14 +46,7 @@ pub fn extract(headers: &http::HeaderMap) -> opentelemetry::Context {
 /// [`opentelemetry::Context`] (cheap enough for every request, most of which are unsampled);
 /// `None` when absent or malformed, as the W3C propagator would treat it.
 pub fn caller(headers: &http::HeaderMap) -> Option<TraceParent> {
-    let value = headers.get("traceparent")?.to_str().ok()?;
-    let tp: TraceParent = value.parse().ok()?;
-    // The W3C format is lower-case hex only; the SDK's propagator rejects anything else.
-    value
-        .trim()
-        .bytes()
-        .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        .then_some(tp)
+    headers.get("traceparent")?.to_str().ok()?.parse().ok()
 }
 
 tokio::task_local! {
@@ -188,6 +181,12 @@ impl FromStr for TraceParent {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || TraceParentError(s.chars().take(64).collect());
+        // The W3C format is lower-case hex only (`from_str_radix` below would also take upper
+        // case and a sign; the SDK's propagator rejects the former).
+        let lower_hex = |b: u8| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        if !s.trim().bytes().all(lower_hex) {
+            return Err(bad());
+        }
         let mut parts = s.trim().split('-');
         let (Some(version), Some(trace), Some(span), Some(flags)) =
             (parts.next(), parts.next(), parts.next(), parts.next())
