@@ -10,7 +10,6 @@
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use http::HeaderValue;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span as _, SpanKind, Status, Tracer as _, TracerProvider as _};
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
@@ -175,9 +174,7 @@ impl ClientTracing {
             span_id,
             sampled,
         };
-        if let Ok(v) = HeaderValue::from_str(&tp.to_string()) {
-            headers.insert("traceparent", v);
-        }
+        headers.insert("traceparent", tp.header_value());
         RequestTrace {
             trace_id: if sampled { trace_id } else { 0 },
             span,

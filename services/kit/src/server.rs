@@ -213,11 +213,10 @@ async fn trace_request(
         )
         .await;
     }
-    // The full context (with `tracestate`) through the propagator, only for sampled requests.
-    let parent = if caller.is_some() {
-        crate::telemetry::propagation::extract(request.headers())
-    } else {
-        opentelemetry::Context::current()
+    // The full context (with `tracestate`), only for sampled requests.
+    let parent = match caller {
+        Some(tp) => crate::telemetry::propagation::caller_context(tp, request.headers()),
+        None => opentelemetry::Context::current(),
     };
     // A sampled request's server span is made with the OpenTelemetry SDK directly (see
     // `telemetry::server_span`): it is the parent of everything the request does, `tracing`

@@ -1,22 +1,31 @@
 //! The process-wide trace pipeline: one tracer provider whose spans are tagged with the service
 //! that started them and exported, grouped by service, through one OTLP exporter per service
 //! (each with that service's resource).
+//!
+//! The span processor is this module's [`Batcher`] rather than the SDK's `BatchSpanProcessor`:
+//! a span is written as OTLP protobuf bytes the moment it ends, on the thread that ends it,
+//! and queued as bytes; a background thread ships the queued bytes. The SDK's processor moves
+//! every `SpanData` (a few hundred bytes) through a channel to its thread, which frees the
+//! span's allocations there — cross-thread frees that the allocator charges back to the
+//! request threads — and keeps the spans until they are converted at export. Encoding at the
+//! end keeps all of a span's memory on its own thread and the queue compact.
 
 use std::future::Future;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use opentelemetry::trace::{
     Link, Span as _, SpanKind, TraceContextExt as _, TraceId, TraceState, TracerProvider as _,
 };
-use opentelemetry::{Context, KeyValue, StringValue, Value};
+use opentelemetry::{Context, InstrumentationScope, KeyValue, StringValue, Value};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{
-    BatchSpanProcessor, Sampler, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider,
-    ShouldSample, Span, SpanData, SpanExporter, SpanProcessor,
+    Sampler, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider, ShouldSample, Span,
+    SpanData, SpanProcessor,
 };
 
-use super::otlp::TraceExporter;
+use super::otlp::{TraceExporter, put_span};
 use super::{OtelArgs, TelemetryError};
 
 /// Span attribute naming the service during export; removed before spans leave the process.
@@ -91,13 +100,10 @@ pub(super) fn tracer(otel: &OtelArgs) -> Option<SdkTracer> {
     );
     let pipeline = PIPELINE.get_or_init(|| {
         let services = Arc::new(Services::default());
-        let processor = BatchSpanProcessor::builder(RoutingExporter {
-            services: Arc::clone(&services),
-        })
-        .build();
+        let processor = Batcher::start(BatchConfig::from_env(), Arc::clone(&services));
         let (sampler, root_ratio) = sampler(otel);
         let provider = SdkTracerProvider::builder()
-            .with_span_processor(Tagger { processor })
+            .with_span_processor(processor)
             .with_sampler(LinkAware(sampler))
             .build();
         Pipeline {
@@ -215,43 +221,321 @@ pub(super) fn flush() {
     }
 }
 
-/// Tags spans with the service of the task that starts them, then hands them to the batch
-/// processor (a bounded queue drained by a background thread; full → dropped).
-#[derive(Debug)]
-struct Tagger {
-    processor: BatchSpanProcessor,
+/// The batch settings: the standard `OTEL_BSP_*` variables, with the specification's defaults.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BatchConfig {
+    /// Spans waiting for export at most; more are dropped (`OTEL_BSP_MAX_QUEUE_SIZE`, 2048).
+    max_queue: usize,
+    /// Spans per export request at most (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`, 512, ≤ the queue).
+    max_batch: usize,
+    /// Longest wait before queued spans are sent (`OTEL_BSP_SCHEDULE_DELAY`, 5000 ms).
+    delay: Duration,
+    /// Bound of one export call (`OTEL_BSP_EXPORT_TIMEOUT`, 30000 ms; the exporter's own
+    /// `OTEL_EXPORTER_OTLP_TIMEOUT` applies too).
+    export_timeout: Duration,
 }
 
-impl SpanProcessor for Tagger {
-    fn on_start(&self, span: &mut Span, cx: &Context) {
+impl BatchConfig {
+    fn from_env() -> BatchConfig {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    fn from_lookup(var: impl Fn(&str) -> Option<String>) -> BatchConfig {
+        use opentelemetry_sdk::trace as sdk;
+        let number = |name: &str| {
+            let value = var(name)?;
+            match value.trim().parse::<u64>() {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    tracing::warn!(variable = name, %value, "not a number; using the default");
+                    None
+                }
+            }
+        };
+        let count = |name, default: usize| {
+            number(name).map_or(default, |n| usize::try_from(n).unwrap_or(usize::MAX).max(1))
+        };
+        let millis = |name, default| number(name).map_or(default, Duration::from_millis);
+        let max_queue = count(
+            sdk::OTEL_BSP_MAX_QUEUE_SIZE,
+            sdk::OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT,
+        );
+        BatchConfig {
+            max_queue,
+            max_batch: count(
+                sdk::OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
+                sdk::OTEL_BSP_MAX_EXPORT_BATCH_SIZE_DEFAULT,
+            )
+            .min(max_queue),
+            delay: millis(
+                sdk::OTEL_BSP_SCHEDULE_DELAY,
+                sdk::OTEL_BSP_SCHEDULE_DELAY_DEFAULT,
+            ),
+            export_timeout: millis(
+                sdk::OTEL_BSP_EXPORT_TIMEOUT,
+                sdk::OTEL_BSP_EXPORT_TIMEOUT_DEFAULT,
+            ),
+        }
+    }
+}
+
+/// The span processor: tags each span with the service of the task that starts it, writes it
+/// as OTLP bytes when it ends (on that thread) into a bounded queue, one batch per service and
+/// instrumentation scope, and lets a background thread send the batches. A full queue drops
+/// spans: an unreachable or slow collector costs spans, never a request's time.
+#[derive(Debug)]
+struct Batcher {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: BatchConfig,
+    services: Arc<Services>,
+    queue: Mutex<Queue>,
+    /// Wakes the export thread: a batch is full, a flush is asked for, or shutdown.
+    wake: Condvar,
+    /// Wakes flushes waiting for the export thread to finish a round.
+    done: Condvar,
+}
+
+/// What waits for export. Held only briefly, never during an export.
+#[derive(Debug, Default)]
+struct Queue {
+    batches: Vec<Batch>,
+    /// Spans in `batches`.
+    spans: usize,
+    /// Spans dropped because the queue was full, since the last warning.
+    dropped: u64,
+    /// Sent batches' buffers, kept for new batches (their memory stays mapped and warm).
+    spare: Vec<Vec<u8>>,
+    /// Scratch for one span's body.
+    scratch: Vec<u8>,
+    /// Flushes asked for, and the last one the export thread has done.
+    flush_asked: u64,
+    flush_done: u64,
+    shutdown: bool,
+    /// The export thread has ended.
+    stopped: bool,
+}
+
+/// Spans of one service and scope, written as `ScopeSpans.spans` fields.
+#[derive(Debug)]
+struct Batch {
+    service: Option<StringValue>,
+    scope: InstrumentationScope,
+    spans: usize,
+    bytes: Vec<u8>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Batcher {
+    fn start(config: BatchConfig, services: Arc<Services>) -> Batcher {
+        let batcher = Batcher::idle(config, services);
+        batcher.spawn_thread();
+        batcher
+    }
+
+    /// A batcher whose export thread is not running yet (it queues, and drops when full).
+    fn idle(config: BatchConfig, services: Arc<Services>) -> Batcher {
+        Batcher {
+            shared: Arc::new(Shared {
+                config,
+                services,
+                queue: Mutex::new(Queue::default()),
+                wake: Condvar::new(),
+                done: Condvar::new(),
+            }),
+            thread: Mutex::new(None),
+        }
+    }
+
+    fn spawn_thread(&self) {
+        let shared = &self.shared;
+        let worker = Arc::clone(shared);
+        let thread = std::thread::Builder::new()
+            .name("loadlab-span-export".into())
+            .spawn(move || worker.run())
+            .map_err(|e| tracing::error!(error = %e, "cannot start the span export thread; spans are dropped"))
+            .ok();
+        if thread.is_none() {
+            lock(&shared.queue).stopped = true;
+        }
+        *lock(&self.thread) = thread;
+    }
+
+    /// Asks the export thread for a round (`shutdown`: its last) and waits at most `limit` for
+    /// it to end.
+    fn round(&self, shutdown: bool, limit: Duration) -> OTelSdkResult {
+        let shared = &self.shared;
+        let mut q = lock(&shared.queue);
+        if q.stopped || (q.shutdown && !shutdown) {
+            return Err(OTelSdkError::AlreadyShutdown);
+        }
+        q.flush_asked += 1;
+        q.shutdown |= shutdown;
+        let asked = q.flush_asked;
+        shared.wake.notify_one();
+        let deadline = Instant::now() + limit;
+        while q.flush_done < asked && !q.stopped {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(OTelSdkError::Timeout(limit));
+            }
+            q = shared
+                .done
+                .wait_timeout(q, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// The export thread: sends what is queued whenever a batch fills up, a flush is asked
+    /// for, or the schedule delay has passed since the last round.
+    fn run(&self) {
+        let mut out = bytes::BytesMut::new();
+        let mut last = Instant::now();
+        loop {
+            let (batches, asked, shutdown) = {
+                let mut q = lock(&self.queue);
+                loop {
+                    let due = last + self.config.delay;
+                    let now = Instant::now();
+                    if q.shutdown
+                        || q.flush_asked > q.flush_done
+                        || now >= due
+                        || q.batches.iter().any(|b| b.spans >= self.config.max_batch)
+                    {
+                        break;
+                    }
+                    q = self
+                        .wake
+                        .wait_timeout(q, due - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                if q.dropped > 0 {
+                    tracing::warn!(
+                        dropped = q.dropped,
+                        max_queue = self.config.max_queue,
+                        "span export queue full: spans dropped (OTEL_BSP_MAX_QUEUE_SIZE)"
+                    );
+                    q.dropped = 0;
+                }
+                q.spans = 0;
+                (std::mem::take(&mut q.batches), q.flush_asked, q.shutdown)
+            };
+            last = Instant::now();
+            for batch in &batches {
+                let Some(exporter) = self
+                    .services
+                    .lookup(batch.service.as_ref().map(StringValue::as_str))
+                else {
+                    continue;
+                };
+                if let Err(e) = exporter.export(
+                    &batch.scope,
+                    &batch.bytes,
+                    &mut out,
+                    self.config.export_timeout,
+                ) {
+                    tracing::debug!(error = %e, spans = batch.spans, "span export failed; batch dropped");
+                }
+            }
+            let mut q = lock(&self.queue);
+            // Enough buffers for a full queue's batches come back; more would only hold memory.
+            let keep = self.config.max_queue.div_ceil(self.config.max_batch) + 1;
+            for batch in batches {
+                if q.spare.len() < keep {
+                    let mut bytes = batch.bytes;
+                    bytes.clear();
+                    q.spare.push(bytes);
+                }
+            }
+            q.flush_done = asked;
+            if shutdown {
+                q.stopped = true;
+            }
+            self.done.notify_all();
+            if shutdown {
+                return;
+            }
+        }
+    }
+}
+
+impl SpanProcessor for Batcher {
+    fn on_start(&self, span: &mut Span, _cx: &Context) {
         if let Some(service) = service_scope() {
             span.set_attribute(KeyValue::new(SERVICE_KEY, service));
         }
-        self.processor.on_start(span, cx);
     }
 
-    fn on_end(&self, span: SpanData) {
-        self.processor.on_end(span);
+    fn on_end(&self, mut span: SpanData) {
+        let service = take_service(&mut span);
+        span.attributes
+            .retain(|kv| kv.key.as_str() != EDGE_SAMPLED_KEY);
+        let config = &self.shared.config;
+        let mut q = lock(&self.shared.queue);
+        if q.shutdown {
+            return;
+        }
+        if q.spans >= config.max_queue {
+            q.dropped += 1;
+            return;
+        }
+        let q = &mut *q;
+        let open = q.batches.iter().rposition(|b| {
+            b.spans < config.max_batch
+                && b.service == service
+                && b.scope == span.instrumentation_scope
+        });
+        let batch = match open {
+            Some(i) => &mut q.batches[i],
+            None => {
+                let bytes = q.spare.pop().unwrap_or_default();
+                q.batches.push(Batch {
+                    service,
+                    scope: span.instrumentation_scope.clone(),
+                    spans: 0,
+                    bytes,
+                });
+                let last = q.batches.len() - 1;
+                &mut q.batches[last]
+            }
+        };
+        put_span(&mut batch.bytes, &mut q.scratch, &span);
+        batch.spans += 1;
+        let full = batch.spans == config.max_batch;
+        q.spans += 1;
+        if full {
+            self.shared.wake.notify_one();
+        }
+        // `span` is freed here, on the thread that made it.
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.processor.force_flush()
+        self.round(false, FLUSH_WAIT)
     }
 
-    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
-        self.processor.shutdown_with_timeout(timeout)
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.processor.set_resource(resource);
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.round(true, timeout)?;
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+        Ok(())
     }
 }
 
-/// Sends each service's spans through that service's exporter.
-#[derive(Debug)]
-struct RoutingExporter {
-    services: Arc<Services>,
-}
+/// How long a flush waits for the export thread.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 fn take_service(span: &mut SpanData) -> Option<StringValue> {
     let i = span
@@ -262,51 +546,6 @@ fn take_service(span: &mut SpanData) -> Option<StringValue> {
         // The tag is a `&'static str`: taking it allocates nothing.
         Value::String(s) => Some(s),
         _ => None,
-    }
-}
-
-impl SpanExporter for RoutingExporter {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        // Batches are small (≤ 512) and a process runs a handful of services: a linear scan
-        // beats hashing here.
-        let mut batch = batch;
-        let tags: Vec<Option<StringValue>> = batch
-            .iter_mut()
-            .map(|span| {
-                let service = take_service(span);
-                span.attributes
-                    .retain(|kv| kv.key.as_str() != EDGE_SAMPLED_KEY);
-                service
-            })
-            .collect();
-        // One service per process is the common case: its batch goes out as it came, without
-        // moving every span into a group.
-        let groups: Vec<(Option<StringValue>, Vec<SpanData>)> =
-            if tags.windows(2).all(|w| w[0] == w[1]) {
-                vec![(tags.into_iter().next().flatten(), batch)]
-            } else {
-                let mut groups: Vec<(Option<StringValue>, Vec<SpanData>)> = Vec::new();
-                for (service, span) in tags.into_iter().zip(batch) {
-                    match groups.iter_mut().find(|(s, _)| *s == service) {
-                        Some((_, spans)) => spans.push(span),
-                        None => groups.push((service, vec![span])),
-                    }
-                }
-                groups
-            };
-        let mut result = Ok(());
-        for (service, spans) in groups {
-            let Some(exporter) = self
-                .services
-                .lookup(service.as_ref().map(StringValue::as_str))
-            else {
-                continue;
-            };
-            if let Err(e) = exporter.export(&spans).await {
-                result = Err(e);
-            }
-        }
-        result
     }
 }
 
@@ -423,6 +662,272 @@ mod tests {
 
     fn sampler_ratio_of(otel: OtelArgs) -> f64 {
         sampler(&otel).1
+    }
+
+    fn config(max_queue: usize, max_batch: usize) -> BatchConfig {
+        BatchConfig {
+            max_queue,
+            max_batch,
+            delay: Duration::from_secs(3600),
+            export_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn batch_settings_come_from_the_standard_variables() {
+        let defaults = BatchConfig::from_lookup(|_| None);
+        assert_eq!(defaults.max_queue, 2048);
+        assert_eq!(defaults.max_batch, 512);
+        assert_eq!(defaults.delay, Duration::from_millis(5000));
+        assert_eq!(defaults.export_timeout, Duration::from_millis(30_000));
+        let set = BatchConfig::from_lookup(|name| match name {
+            "OTEL_BSP_MAX_QUEUE_SIZE" => Some("100".into()),
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" => Some("1000".into()),
+            "OTEL_BSP_SCHEDULE_DELAY" => Some(" 250 ".into()),
+            "OTEL_BSP_EXPORT_TIMEOUT" => Some("soon".into()),
+            _ => None,
+        });
+        assert_eq!(set.max_queue, 100);
+        assert_eq!(set.max_batch, 100, "a batch is never larger than the queue");
+        assert_eq!(set.delay, Duration::from_millis(250));
+        assert_eq!(
+            set.export_timeout,
+            Duration::from_millis(30_000),
+            "junk keeps the default"
+        );
+        let zero = BatchConfig::from_lookup(|name| {
+            (name == "OTEL_BSP_MAX_EXPORT_BATCH_SIZE").then(|| "0".into())
+        });
+        assert_eq!(zero.max_batch, 1);
+    }
+
+    fn ended_span(service: &'static str, scope: &InstrumentationScope, n: u64) -> SpanData {
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from(0xabc + u128::from(n)),
+                SpanId::from(n + 1),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Server,
+            name: format!("span {n}").into(),
+            start_time: std::time::SystemTime::now(),
+            end_time: std::time::SystemTime::now(),
+            attributes: vec![
+                KeyValue::new(SERVICE_KEY, service),
+                KeyValue::new("n", n as i64),
+                KeyValue::new(EDGE_SAMPLED_KEY, true),
+            ],
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: opentelemetry::trace::Status::Unset,
+            instrumentation_scope: scope.clone(),
+        }
+    }
+
+    /// Export requests received: (service.name, scope name, span names, attribute keys).
+    type Received = Arc<Mutex<Vec<(String, String, Vec<String>, Vec<String>)>>>;
+
+    struct Collector(Received);
+
+    #[tonic::async_trait]
+    impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+        for Collector
+    {
+        async fn export(
+            &self,
+            request: tonic::Request<
+                opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+            >,
+        ) -> Result<
+            tonic::Response<
+                opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+            >,
+            tonic::Status,
+        > {
+            for rs in request.into_inner().resource_spans {
+                let service = rs
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|kv| kv.key == "service.name")
+                    .and_then(|kv| kv.value.as_ref())
+                    .map(|v| format!("{:?}", v.value))
+                    .unwrap_or_default();
+                for ss in rs.scope_spans {
+                    let scope = ss.scope.map(|s| s.name).unwrap_or_default();
+                    let names = ss.spans.iter().map(|s| s.name.clone()).collect();
+                    let keys = ss
+                        .spans
+                        .iter()
+                        .flat_map(|s| s.attributes.iter().map(|kv| kv.key.clone()))
+                        .collect();
+                    lock(&self.0).push((service.clone(), scope, names, keys));
+                }
+            }
+            Ok(tonic::Response::new(Default::default()))
+        }
+    }
+
+    async fn collector() -> (String, Received) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let received = Received::default();
+        let service = opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+            Collector(Arc::clone(&received)),
+        );
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (format!("http://{addr}"), received)
+    }
+
+    fn exporter(endpoint: &str, service: &'static str) -> (&'static str, Arc<TraceExporter>) {
+        let resource = Resource::builder_empty().with_service_name(service).build();
+        let exporter =
+            TraceExporter::new(endpoint, Duration::from_secs(3), &resource).expect("exporter");
+        (service, Arc::new(exporter))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spans_are_batched_per_service_and_scope_bounded_and_flushed() {
+        let (endpoint, received) = collector().await;
+        let services = Arc::new(Services(RwLock::new(vec![
+            exporter(&endpoint, "feed"),
+            exporter(&endpoint, "timeline"),
+        ])));
+        let batcher = Arc::new(Batcher::idle(config(7, 3), services));
+        let loadlab = InstrumentationScope::builder("loadlab").build();
+        let other = InstrumentationScope::builder("tracing-opentelemetry").build();
+        // The export thread is not running: the queue takes 7 spans and drops the rest.
+        for n in 0..5 {
+            batcher.on_end(ended_span("feed", &loadlab, n));
+        }
+        batcher.on_end(ended_span("timeline", &loadlab, 5));
+        batcher.on_end(ended_span("feed", &other, 6));
+        batcher.on_end(ended_span("feed", &loadlab, 7));
+        batcher.on_end(ended_span("timeline", &loadlab, 8));
+        {
+            let q = lock(&batcher.shared.queue);
+            assert_eq!((q.spans, q.dropped), (7, 2));
+            let shape: Vec<(Option<&str>, &str, usize)> = q
+                .batches
+                .iter()
+                .map(|b| {
+                    (
+                        b.service.as_ref().map(StringValue::as_str),
+                        b.scope.name(),
+                        b.spans,
+                    )
+                })
+                .collect();
+            assert_eq!(
+                shape,
+                vec![
+                    (Some("feed"), "loadlab", 3),
+                    (Some("feed"), "loadlab", 2),
+                    (Some("timeline"), "loadlab", 1),
+                    (Some("feed"), "tracing-opentelemetry", 1),
+                ]
+            );
+        }
+        batcher.spawn_thread();
+        let flushing = Arc::clone(&batcher);
+        tokio::task::spawn_blocking(move || flushing.force_flush())
+            .await
+            .expect("join")
+            .expect("flushed");
+        let got = lock(&received).clone();
+        let spans: Vec<(String, String, Vec<String>)> = got
+            .iter()
+            .map(|(svc, scope, names, _)| (svc.clone(), scope.clone(), names.clone()))
+            .collect();
+        let s = |v: &str| {
+            format!(
+                "{:?}",
+                Some(
+                    opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(v.into())
+                )
+            )
+        };
+        assert_eq!(
+            spans,
+            vec![
+                (
+                    s("feed"),
+                    "loadlab".into(),
+                    vec!["span 0".into(), "span 1".into(), "span 2".into()]
+                ),
+                (
+                    s("feed"),
+                    "loadlab".into(),
+                    vec!["span 3".into(), "span 4".into()]
+                ),
+                (s("timeline"), "loadlab".into(), vec!["span 5".into()]),
+                (
+                    s("feed"),
+                    "tracing-opentelemetry".into(),
+                    vec!["span 6".into()]
+                ),
+            ]
+        );
+        assert!(
+            got.iter()
+                .flat_map(|(_, _, _, keys)| keys)
+                .all(|k| k == "n"),
+            "the in-process tags are taken off: {got:?}"
+        );
+        // Buffers come back for reuse; the queue is empty.
+        {
+            let q = lock(&batcher.shared.queue);
+            assert_eq!((q.spans, q.batches.len(), q.spare.len()), (0, 0, 4));
+        }
+        // After shutdown nothing is queued, and flushing says so.
+        let closing = Arc::clone(&batcher);
+        tokio::task::spawn_blocking(move || closing.shutdown_with_timeout(Duration::from_secs(5)))
+            .await
+            .expect("join")
+            .expect("shut down");
+        batcher.on_end(ended_span("feed", &loadlab, 9));
+        assert_eq!(lock(&batcher.shared.queue).spans, 0);
+        assert!(matches!(
+            batcher.force_flush(),
+            Err(OTelSdkError::AlreadyShutdown)
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_collector_bounds_flushes_and_never_blocks_ending_spans() {
+        // A port nobody listens on.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let services = Arc::new(Services(RwLock::new(vec![exporter(
+            &format!("http://127.0.0.1:{port}"),
+            "feed",
+        )])));
+        let batcher = Arc::new(Batcher::start(config(64, 8), services));
+        let scope = InstrumentationScope::builder("loadlab").build();
+        for n in 0..1000 {
+            batcher.on_end(ended_span("feed", &scope, n));
+        }
+        let flushing = Arc::clone(&batcher);
+        let flushed = tokio::task::spawn_blocking(move || flushing.force_flush())
+            .await
+            .expect("join");
+        // Each failed export is logged and its batch dropped; the round completes.
+        assert!(flushed.is_ok(), "{flushed:?}");
+        let q = lock(&batcher.shared.queue);
+        assert_eq!(q.spans, 0, "what was queued went out (and was dropped)");
     }
 
     #[test]

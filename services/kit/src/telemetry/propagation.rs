@@ -5,48 +5,16 @@
 use std::fmt;
 use std::str::FromStr;
 
-use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-struct HeaderExtractor<'a>(&'a http::HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
-    }
-}
-
-struct HeaderInjector<'a>(&'a mut http::HeaderMap);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(key.as_bytes()),
-            http::HeaderValue::from_str(&value),
-        ) {
-            self.0.insert(name, value);
-        }
-    }
-}
-
-/// The caller's context from `traceparent`/`tracestate` headers (empty when absent or when no
-/// propagator is installed, i.e. telemetry is off).
-pub fn extract(headers: &http::HeaderMap) -> opentelemetry::Context {
-    opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
-}
-
 /// The caller's `traceparent`, read straight from the header without a propagator or a
 /// [`opentelemetry::Context`] (cheap enough for every request, most of which are unsampled);
 /// `None` when absent or malformed, as the W3C propagator would treat it.
 pub fn caller(headers: &http::HeaderMap) -> Option<TraceParent> {
-    headers.get("traceparent")?.to_str().ok()?.parse().ok()
+    TraceParent::parse(headers.get(TRACEPARENT)?.as_bytes())
 }
 
 tokio::task_local! {
@@ -81,19 +49,54 @@ pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
 }
 
 /// Writes the context `cx` (e.g. of a [`super::ClientSpan`], or the active one) into
-/// `headers`; when it holds no span, the unsampled context of an unsampled request without
-/// spans. Nothing otherwise (telemetry off, or no recorded span).
+/// `headers` as W3C `traceparent` (and `tracestate` when it has entries); when it holds no
+/// span, the unsampled context of an unsampled request without spans. Nothing otherwise
+/// (telemetry off, or no recorded span).
+///
+/// This writes what the SDK's `TraceContextPropagator` writes, without its `format!` and its
+/// always-present (usually empty) `tracestate` header: it runs on every outgoing call.
 pub fn inject_context(cx: &opentelemetry::Context, headers: &mut http::HeaderMap) {
-    if cx.span().span_context().is_valid() {
-        opentelemetry::global::get_text_map_propagator(|p| {
-            p.inject_context(cx, &mut HeaderInjector(headers));
-        });
-    } else if let Ok(tp) = UNSAMPLED.try_with(|tp| *tp)
-        && let Ok(v) = http::HeaderValue::from_str(&tp.to_string())
-    {
-        headers.insert("traceparent", v);
+    let span = cx.span();
+    let sc = span.span_context();
+    if sc.is_valid() {
+        headers.insert(TRACEPARENT, TraceParent::of_span_context(sc).header_value());
+        let state = sc.trace_state().header();
+        if !state.is_empty()
+            && let Ok(v) = http::HeaderValue::from_str(&state)
+        {
+            headers.insert(TRACESTATE, v);
+        }
+    } else if let Ok(tp) = UNSAMPLED.try_with(|tp| *tp) {
+        headers.insert(TRACEPARENT, tp.header_value());
     }
 }
+
+/// The caller's context for a request whose `traceparent` ([`caller`]) is `tp`: a remote span
+/// context with `tp`'s ids and flag and the `tracestate` header's entries — what the W3C
+/// propagator extracts (a malformed `tracestate` is dropped, as it does), without parsing
+/// `traceparent` a second time.
+pub fn caller_context(tp: TraceParent, headers: &http::HeaderMap) -> opentelemetry::Context {
+    let state = headers
+        .get(TRACESTATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    let sc = SpanContext::new(
+        TraceId::from_bytes(tp.trace_id.to_be_bytes()),
+        SpanId::from_bytes(tp.span_id.to_be_bytes()),
+        if tp.sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        },
+        true,
+        state,
+    );
+    opentelemetry::Context::new().with_remote_span_context(sc)
+}
+
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
 
 /// A span's identity, small enough to travel with a queued job or a published message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -123,11 +126,77 @@ impl TraceParent {
 
     /// The span context in `cx` (e.g. a caller's, extracted from headers), if it is valid.
     pub fn of_context(cx: &opentelemetry::Context) -> Option<TraceParent> {
-        let sc = cx.span().span_context().clone();
-        sc.is_valid().then(|| TraceParent {
+        let span = cx.span();
+        let sc = span.span_context();
+        sc.is_valid().then(|| TraceParent::of_span_context(sc))
+    }
+
+    /// The identity of a span context (valid or not).
+    pub fn of_span_context(sc: &SpanContext) -> TraceParent {
+        TraceParent {
             trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
             span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
             sampled: sc.is_sampled(),
+        }
+    }
+
+    /// The `traceparent` form, `00-<trace id>-<span id>-<flags>`, as bytes (written without
+    /// the formatting machinery: every outgoing call of a traced service writes one).
+    pub fn encode(&self) -> [u8; TRACEPARENT_LEN] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        fn hex(out: &mut [u8], bytes: &[u8]) {
+            for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+                pair[0] = HEX[usize::from(b >> 4)];
+                pair[1] = HEX[usize::from(b & 0xf)];
+            }
+        }
+        let mut out = [b'-'; TRACEPARENT_LEN];
+        out[..2].copy_from_slice(b"00");
+        hex(&mut out[3..35], &self.trace_id.to_be_bytes());
+        hex(&mut out[36..52], &self.span_id.to_be_bytes());
+        out[53] = b'0';
+        out[54] = if self.sampled { b'1' } else { b'0' };
+        out
+    }
+
+    /// The `traceparent` header value.
+    pub fn header_value(&self) -> http::HeaderValue {
+        match http::HeaderValue::from_bytes(&self.encode()) {
+            Ok(v) => v,
+            // Hex digits and dashes are always a valid header value.
+            Err(_) => http::HeaderValue::from_static(""),
+        }
+    }
+
+    /// Parses the `traceparent` form (see [`FromStr`]); `None` when malformed.
+    pub fn parse(s: &[u8]) -> Option<TraceParent> {
+        let s = s.trim_ascii();
+        // Version 00 is exactly 55 bytes; a later version may append `-`-separated fields
+        // (W3C §3.2.4). The W3C form is lower-case hex only (the SDK's parser, through
+        // `from_str_radix`, also takes a sign).
+        if s.len() < TRACEPARENT_LEN || s[2] != b'-' || s[35] != b'-' || s[52] != b'-' {
+            return None;
+        }
+        let version = hex_u128(&s[..2])?;
+        if version == 0xff
+            || (version == 0 && s.len() != TRACEPARENT_LEN)
+            || (s.len() > TRACEPARENT_LEN && s[TRACEPARENT_LEN] != b'-')
+            || !s[TRACEPARENT_LEN..]
+                .iter()
+                .all(|&b| b == b'-' || hex_digit(b).is_some())
+        {
+            return None;
+        }
+        let trace_id = hex_u128(&s[3..35])?;
+        let span_id = u64::try_from(hex_u128(&s[36..52])?).ok()?;
+        let flags = hex_u128(&s[53..55])?;
+        if trace_id == 0 || span_id == 0 {
+            return None;
+        }
+        Some(TraceParent {
+            trace_id,
+            span_id,
+            sampled: flags & 1 == 1,
         })
     }
 
@@ -161,14 +230,27 @@ impl TraceParent {
 /// The `traceparent` header form: `00-<trace id>-<span id>-<flags>`.
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "00-{:032x}-{:016x}-{:02x}",
-            self.trace_id,
-            self.span_id,
-            u8::from(self.sampled)
-        )
+        f.write_str(std::str::from_utf8(&self.encode()).map_err(|_| fmt::Error)?)
     }
+}
+
+/// Length of a version-00 `traceparent`.
+pub const TRACEPARENT_LEN: usize = 55;
+
+/// The value of a lower-case hex digit.
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    }
+}
+
+/// Up to 32 lower-case hex digits as a number.
+fn hex_u128(digits: &[u8]) -> Option<u128> {
+    digits
+        .iter()
+        .try_fold(0u128, |n, &b| Some(n << 4 | u128::from(hex_digit(b)?)))
 }
 
 /// A malformed `traceparent`.
@@ -180,47 +262,103 @@ impl FromStr for TraceParent {
     type Err = TraceParentError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || TraceParentError(s.chars().take(64).collect());
-        // The W3C format is lower-case hex only (`from_str_radix` below would also take upper
-        // case and a sign; the SDK's propagator rejects the former).
-        let lower_hex = |b: u8| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
-        if !s.trim().bytes().all(lower_hex) {
-            return Err(bad());
-        }
-        let mut parts = s.trim().split('-');
-        let (Some(version), Some(trace), Some(span), Some(flags)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(bad());
-        };
-        // Version 00 has exactly four fields; later versions may append more (W3C §3.2.4).
-        if version.len() != 2
-            || version == "ff"
-            || (version == "00" && parts.next().is_some())
-            || trace.len() != 32
-            || span.len() != 16
-            || flags.len() != 2
-        {
-            return Err(bad());
-        }
-        let trace_id = u128::from_str_radix(trace, 16).map_err(|_| bad())?;
-        let span_id = u64::from_str_radix(span, 16).map_err(|_| bad())?;
-        let flags = u8::from_str_radix(flags, 16).map_err(|_| bad())?;
-        u8::from_str_radix(version, 16).map_err(|_| bad())?;
-        if trace_id == 0 || span_id == 0 {
-            return Err(bad());
-        }
-        Ok(TraceParent {
-            trace_id,
-            span_id,
-            sampled: flags & 1 == 1,
-        })
+        TraceParent::parse(s.as_bytes())
+            .ok_or_else(|| TraceParentError(s.chars().take(64).collect()))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
+
     use super::*;
+
+    struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+    impl Extractor for HeaderExtractor<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).and_then(|v| v.to_str().ok())
+        }
+
+        fn keys(&self) -> Vec<&str> {
+            self.0.keys().map(http::HeaderName::as_str).collect()
+        }
+    }
+
+    struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+    impl Injector for HeaderInjector<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(key.as_bytes()),
+                http::HeaderValue::from_str(&value),
+            ) {
+                self.0.insert(name, value);
+            }
+        }
+    }
+
+    #[test]
+    fn injection_and_extraction_agree_with_the_w3c_propagator() {
+        let propagator = opentelemetry_sdk::propagation::TraceContextPropagator::new();
+        for (flags, state) in [
+            (TraceFlags::SAMPLED, TraceState::default()),
+            (
+                TraceFlags::default(),
+                TraceState::from_key_value([("vendor", "v1"), ("other", "x")]).expect("state"),
+            ),
+        ] {
+            let sc = SpanContext::new(
+                TraceId::from(0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736),
+                SpanId::from(0x00f0_67aa_0ba9_02b7),
+                flags,
+                false,
+                state.clone(),
+            );
+            let cx = opentelemetry::Context::new().with_remote_span_context(sc.clone());
+            let mut ours = http::HeaderMap::new();
+            inject_context(&cx, &mut ours);
+            let mut theirs = http::HeaderMap::new();
+            propagator.inject_context(&cx, &mut HeaderInjector(&mut theirs));
+            assert_eq!(ours.get("traceparent"), theirs.get("traceparent"));
+            if state.header().is_empty() {
+                // The propagator always writes `tracestate`; an empty one is left out here.
+                assert!(!ours.contains_key("tracestate"));
+            } else {
+                assert_eq!(ours.get("tracestate"), theirs.get("tracestate"));
+            }
+            // What a peer reads back is what the propagator reads back.
+            let tp = caller(&ours).expect("a valid traceparent");
+            let extracted = caller_context(tp, &ours);
+            let expected = propagator.extract(&HeaderExtractor(&theirs));
+            assert_eq!(
+                extracted.span().span_context(),
+                expected.span().span_context()
+            );
+        }
+        // Odd `tracestate` values are read as the propagator reads them.
+        for state in ["=,=bad", "a=1,a=2", "k=v,,x=y", &"k=v,".repeat(40)] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                "traceparent",
+                http::HeaderValue::from_static(
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+            );
+            headers.insert(
+                "tracestate",
+                http::HeaderValue::from_str(state).expect("header value"),
+            );
+            let tp = caller(&headers).expect("valid");
+            let cx = caller_context(tp, &headers);
+            let expected = propagator.extract(&HeaderExtractor(&headers));
+            assert_eq!(
+                cx.span().span_context(),
+                expected.span().span_context(),
+                "{state:?}"
+            );
+        }
+    }
 
     #[test]
     fn the_caller_is_read_from_traceparent_like_the_propagator_does() {
