@@ -159,13 +159,17 @@ impl TraceParent {
         out
     }
 
-    /// The `traceparent` header value.
+    /// The `traceparent` header value. It is marked sensitive, which HTTP/2 sends as a literal
+    /// "never indexed": every request's value is new, so entering it into the HPACK tables
+    /// of both peers would only cost hashing and evict the headers that do repeat.
     pub fn header_value(&self) -> http::HeaderValue {
-        match http::HeaderValue::from_bytes(&self.encode()) {
+        let mut value = match http::HeaderValue::from_bytes(&self.encode()) {
             Ok(v) => v,
             // Hex digits and dashes are always a valid header value.
             Err(_) => http::HeaderValue::from_static(""),
-        }
+        };
+        value.set_sensitive(true);
+        value
     }
 
     /// Parses the `traceparent` form (see [`FromStr`]); `None` when malformed.
