@@ -402,6 +402,10 @@ impl Shared {
     fn run(&self) {
         let mut out = bytes::BytesMut::new();
         let mut last = Instant::now();
+        // Failures and drops are logged when they start and then at most every WARN_EVERY, so
+        // a dead collector does not flood the logs.
+        let mut failing = false;
+        let mut warned: Option<Instant> = None;
         loop {
             let (batches, asked, shutdown) = {
                 let mut q = lock(&self.queue);
@@ -421,13 +425,14 @@ impl Shared {
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                 }
-                if q.dropped > 0 {
+                if q.dropped > 0 && warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
                     tracing::warn!(
                         dropped = q.dropped,
                         max_queue = self.config.max_queue,
                         "span export queue full: spans dropped (OTEL_BSP_MAX_QUEUE_SIZE)"
                     );
                     q.dropped = 0;
+                    warned = Some(Instant::now());
                 }
                 q.spans = 0;
                 (std::mem::take(&mut q.batches), q.flush_asked, q.shutdown)
@@ -440,13 +445,28 @@ impl Shared {
                 else {
                     continue;
                 };
-                if let Err(e) = exporter.export(
+                match exporter.export(
                     &batch.scope,
                     &batch.bytes,
                     &mut out,
                     self.config.export_timeout,
                 ) {
-                    tracing::debug!(error = %e, spans = batch.spans, "span export failed; batch dropped");
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("span export works again");
+                    }
+                    Ok(()) => {}
+                    Err(e) if failing => {
+                        tracing::debug!(error = %e, spans = batch.spans, "span export failed; batch dropped");
+                    }
+                    Err(e) => {
+                        failing = true;
+                        tracing::warn!(
+                            error = %e,
+                            spans = batch.spans,
+                            "span export failed; batches are dropped until it works again"
+                        );
+                    }
                 }
             }
             let mut q = lock(&self.queue);
@@ -536,6 +556,9 @@ impl SpanProcessor for Batcher {
 
 /// How long a flush waits for the export thread.
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
+
+/// Least time between two warnings about dropped spans.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 fn take_service(span: &mut SpanData) -> Option<StringValue> {
     let i = span
