@@ -255,7 +255,12 @@ impl BatchConfig {
         let count = |name, default: usize| {
             number(name).map_or(default, |n| usize::try_from(n).unwrap_or(usize::MAX).max(1))
         };
-        let millis = |name, default| number(name).map_or(default, Duration::from_millis);
+        // Capped, so that deadlines computed from them stay representable.
+        let millis = |name, default| {
+            number(name)
+                .map_or(default, Duration::from_millis)
+                .min(LONGEST_WAIT)
+        };
         let max_queue = count(
             sdk::OTEL_BSP_MAX_QUEUE_SIZE,
             sdk::OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT,
@@ -557,6 +562,9 @@ impl SpanProcessor for Batcher {
 /// How long a flush waits for the export thread.
 const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
+/// The longest schedule delay and export timeout taken from the environment.
+const LONGEST_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 /// Least time between two warnings about dropped spans.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -718,6 +726,10 @@ mod tests {
             Duration::from_millis(30_000),
             "junk keeps the default"
         );
+        let huge = BatchConfig::from_lookup(|name| {
+            (name == "OTEL_BSP_SCHEDULE_DELAY").then(|| u64::MAX.to_string())
+        });
+        assert_eq!(huge.delay, LONGEST_WAIT);
         let zero = BatchConfig::from_lookup(|name| {
             (name == "OTEL_BSP_MAX_EXPORT_BATCH_SIZE").then(|| "0".into())
         });

@@ -81,18 +81,7 @@ pub fn caller_context(tp: TraceParent, headers: &http::HeaderMap) -> opentelemet
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<TraceState>().ok())
         .unwrap_or_default();
-    let sc = SpanContext::new(
-        TraceId::from_bytes(tp.trace_id.to_be_bytes()),
-        SpanId::from_bytes(tp.span_id.to_be_bytes()),
-        if tp.sampled {
-            TraceFlags::SAMPLED
-        } else {
-            TraceFlags::default()
-        },
-        true,
-        state,
-    );
-    opentelemetry::Context::new().with_remote_span_context(sc)
+    opentelemetry::Context::new().with_remote_span_context(tp.span_context_with(state))
 }
 
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
@@ -206,6 +195,11 @@ impl TraceParent {
 
     /// As a remote span context.
     pub fn span_context(&self) -> SpanContext {
+        self.span_context_with(TraceState::default())
+    }
+
+    /// As a remote span context carrying `state`.
+    fn span_context_with(&self, state: TraceState) -> SpanContext {
         SpanContext::new(
             TraceId::from_bytes(self.trace_id.to_be_bytes()),
             SpanId::from_bytes(self.span_id.to_be_bytes()),
@@ -215,7 +209,7 @@ impl TraceParent {
                 TraceFlags::default()
             },
             true,
-            TraceState::default(),
+            state,
         )
     }
 
