@@ -10,6 +10,7 @@ use bytes::Bytes;
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::engine::{EngineError, PubSub, SubscriptionControl};
+use crate::lock;
 
 /// Called with each payload published on the listener's topic.
 pub type Listener = Arc<dyn Fn(&Bytes) + Send + Sync>;
@@ -34,10 +35,6 @@ impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub").finish_non_exhaustive()
     }
-}
-
-fn lock(m: &Mutex<Listeners>) -> std::sync::MutexGuard<'_, Listeners> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Hub {

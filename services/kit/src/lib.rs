@@ -24,3 +24,10 @@ pub mod test_support;
 pub use error::ApiError;
 pub use ids::{Id, Snowflake};
 pub use shutdown::Shutdown;
+
+/// Locks `m`, recovering from poisoning: every lock of this crate guards state that a panic
+/// elsewhere cannot leave half-updated in a way that matters (single inserts, removes, swaps),
+/// so one panicking task must not cascade into every other user of the lock.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

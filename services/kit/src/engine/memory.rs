@@ -14,6 +14,7 @@ use super::{
     TimelineStore, TopicMessage,
 };
 use crate::ids::Id;
+use crate::lock;
 
 /// Capacity of the in-process pub/sub broadcast: how far a subscriber may fall behind.
 const PUBSUB_CAPACITY: usize = 65_536;
@@ -85,12 +86,6 @@ struct QueueState {
     ready: VecDeque<(u64, FanoutJob)>,
     /// seq → (job, consumer, delivered at)
     pending: BTreeMap<u64, (FanoutJob, String, Instant)>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these locks cannot leave the maps half-updated in a way that
-    // matters (each operation is a single insert/remove), so recover instead of cascading.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Trims to `cap` once the set exceeds it by `slack` (the same bulk trimming as Redis).

@@ -11,7 +11,7 @@
 //! end keeps all of a span's memory on its own thread and the queue compact.
 
 use std::future::Future;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use opentelemetry::trace::{
@@ -27,6 +27,7 @@ use opentelemetry_sdk::trace::{
 
 use super::otlp::{TraceExporter, put_span};
 use super::{OtelArgs, TelemetryError};
+use crate::lock;
 
 /// Span attribute naming the service during export; removed before spans leave the process.
 const SERVICE_KEY: &str = "loadlab.service";
@@ -332,10 +333,6 @@ struct Batch {
     scope: InstrumentationScope,
     spans: usize,
     bytes: Vec<u8>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Batcher {
